@@ -44,11 +44,21 @@ def load_json(path: str | os.PathLike[str]) -> Any:
     """Parse a JSON file; errors name the file, line and column."""
     text = read_text(path)
     try:
-        return json.loads(text)
+        return json.loads(text, parse_constant=_reject_constant)
     except json.JSONDecodeError as e:
         raise InputFileError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except _NonFiniteNumber as e:
+        raise InputFileError(f"{path}: invalid JSON: {e} is not a JSON number") from None
     except RecursionError:
         raise InputFileError(f"{path}: invalid JSON: nested too deeply") from None
+
+
+class _NonFiniteNumber(ValueError):
+    pass
+
+
+def _reject_constant(name: str) -> Any:
+    raise _NonFiniteNumber(name)
 
 
 def load_yaml(path: str | os.PathLike[str]) -> Any:

@@ -377,7 +377,7 @@ class _Parser:
                     raise self.fail(f"{mpath}.mixers", f"invalid mixer name {_show(mname)}")
                 mixers[mname] = self.mixer(mcfg, f"{mpath}.mixers.{mname}", rope_default)
             main = mixer.get("main_mixer_name", next(iter(mixers)))
-            if main not in mixers:
+            if not isinstance(main, str) or main not in mixers:
                 raise self.fail(f"{mpath}.main_mixer_name", f"{_show(main)} is not one of {', '.join(mixers)}")
             stochastic = True
         else:
