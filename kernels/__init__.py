@@ -1,1 +1,45 @@
-"""placement_search.kernels"""
+"""placement_search.kernels: the mixer math of Super Apriel as pure functions on tensors.
+
+Every op has a pure-PyTorch path (the CPU reference) and a GPU path (SDPA / FlexAttention, fla's Triton
+kernels). Layout is ``[B, T, H, D]`` throughout; recurrent states are fp32 ``[B, H, DK, DV]``.
+fla is optional and only imported for CUDA tensors (see :mod:`.backend`).
+"""
+
+from .attention import attention, attention_decode, causal_window_mask
+from .backend import fla_available
+from .conv import causal_conv1d, causal_conv1d_update
+from .delta_rule import (
+    chunk_delta_rule,
+    delta_rule_step_torch,
+    gated_delta_rule,
+    gated_delta_rule_step,
+    gdn_gate,
+    l2norm,
+    naive_delta_rule,
+)
+from .kda import kda, kda_gate, kda_step
+from .norm import rms_norm
+from .rope import apply_rope, rope_cos_sin, rotate_half
+
+__all__ = [
+    "apply_rope",
+    "attention",
+    "attention_decode",
+    "causal_conv1d",
+    "causal_conv1d_update",
+    "causal_window_mask",
+    "chunk_delta_rule",
+    "delta_rule_step_torch",
+    "fla_available",
+    "gated_delta_rule",
+    "gated_delta_rule_step",
+    "gdn_gate",
+    "kda",
+    "kda_gate",
+    "kda_step",
+    "l2norm",
+    "naive_delta_rule",
+    "rms_norm",
+    "rope_cos_sin",
+    "rotate_half",
+]

@@ -363,7 +363,9 @@ class _Parser:
             norm_eps=eps,
         )
 
-    def block(self, cfg: Any, path: str, rope_default: float, eps_default: float) -> LayerSpec:
+    def block(
+        self, cfg: Any, path: str, rope_default: float, eps_default: float, block_name: str | None = None
+    ) -> LayerSpec:
         cfg = self.obj(cfg, path)
         mixer = self.obj(self.get(cfg, "mixer", path), f"{path}.mixer")
         mpath = f"{path}.mixer"
@@ -382,7 +384,14 @@ class _Parser:
             stochastic = True
         else:
             spec = self.mixer(mixer, mpath, rope_default)
-            main = mixer.get("name") if isinstance(mixer.get("name"), str) else _default_name(spec)
+            # A plain mixer's name: an explicit "name", else the pattern block's name (deployment configs key
+            # blocks by mixer name, apriel2.md §5), else the name its type implies.
+            if isinstance(mixer.get("name"), str):
+                main = mixer["name"]
+            elif block_name is not None:
+                main = block_name
+            else:
+                main = default_mixer_name(spec)
             mixers = {main: spec}
             stochastic = False
         mlp = self.obj(self.get(cfg, "mlp", path), f"{path}.mlp")
@@ -432,7 +441,9 @@ class _Parser:
                 if not isinstance(bname, str) or bname not in blocks:
                     raise self.fail(f"decoder.pattern[{i}]", f"block {_show(bname)} is not in decoder.blocks")
                 if bname not in parsed:
-                    parsed[bname] = self.block(blocks[bname], f"decoder.blocks.{bname}", rope_default, eps_default)
+                    parsed[bname] = self.block(
+                        blocks[bname], f"decoder.blocks.{bname}", rope_default, eps_default, block_name=bname
+                    )
             layers = tuple(parsed[pattern[i % len(pattern)]] for i in range(n))
         else:
             raise self.fail("decoder.type", f"expected 'fixed' or 'pattern', got {_show(dtype)}")
@@ -449,7 +460,8 @@ class _Parser:
         )
 
 
-def _default_name(spec: MixerSpec) -> str:
+def default_mixer_name(spec: MixerSpec) -> str:
+    """The name a plain mixer of this kind goes by: attention, sliding_window, gdn or kda."""
     if isinstance(spec, AttentionSpec):
         return "sliding_window" if spec.is_sliding else "attention"
     return spec.kind

@@ -25,6 +25,7 @@ def test_every_package_folder_is_listed() -> None:
 def test_core_import_does_not_load_torch() -> None:
     code = (
         "import sys, placement_search, placement_search.cli, placement_search.presets, placement_search.formats;"
+        "import placement_search.evaluators, placement_search.exact_front, placement_search.sampling;"
         "from placement_search.cli import build_parser; build_parser();"
         "assert 'torch' not in sys.modules, 'torch imported by the core'"
     )

@@ -1,0 +1,177 @@
+"""Decode caches, one per placement, batch size and maximum length.
+
+Every tensor is preallocated when the cache is built, so a one-token decode step only updates
+buffers in place: shapes are static, positions live on the device (``Cache.pos``), and nothing in
+a step reads a tensor value on the host. That is what lets a whole step be captured in a CUDA graph.
+
+Per layer, the cache of the placement's mixer:
+
+- :class:`AttentionCache` — keys (RoPE already applied) and values ``[B, S, Hkv, D]``. Full attention
+  uses ``S = max_len`` and writes token ``p`` at slot ``p``; sliding-window attention uses a ring of
+  ``S = min(W, max_len)`` slots and writes token ``p`` at slot ``p % S``. Either way, once token
+  ``p`` is written, slot ``j`` holds a valid key exactly when ``j <= p`` (:meth:`AttentionCache.valid`).
+- :class:`GDNCache` — conv state ``[B, 2*Hk*dk + Hv*dv, K-1]`` and fp32 recurrent state ``[B, Hv, dk, dv]``.
+- :class:`KDACache` — three conv states ``[B, H*D, K-1]`` and fp32 recurrent state ``[B, H, D, D]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from placement_search.errors import PlacementSearchError
+from placement_search.spec import AttentionSpec, GDNSpec, KDASpec, MixerSpec
+
+
+class CacheError(PlacementSearchError):
+    """A cache used with the wrong placement, or past its maximum length."""
+
+
+@dataclass
+class AttentionCache:
+    """Keys/values ``[B, S, Hkv, D]`` plus ``slots = arange(S)`` (a ring when ``ring`` is true)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    slots: torch.Tensor
+    ring: bool
+
+    @property
+    def size(self) -> int:
+        return self.k.shape[1]
+
+    def valid(self, pos: torch.Tensor) -> torch.Tensor:
+        """Bool ``[B, S]``: slots holding a key once token ``pos [B]`` has been written."""
+        return self.slots[None, :] <= pos[:, None]
+
+    def write_prefill(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store the keys/values ``[B, T, Hkv, D]`` of positions ``0..T-1`` (the last ``S`` for a ring)."""
+        t = k.shape[1]
+        first = max(0, t - self.size)
+        idx = torch.arange(first, t, device=k.device) % self.size
+        self.k[:, idx] = k[:, first:]
+        self.v[:, idx] = v[:, first:]
+
+    def write_step(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
+        """Write one token's ``k, v [B, 1, Hkv, D]`` at position ``pos [B]`` in place (no host sync)."""
+        slot = pos % self.size if self.ring else pos
+        idx = slot.view(-1, 1, 1, 1).expand_as(k)
+        self.k.scatter_(1, idx, k)
+        self.v.scatter_(1, idx, v)
+
+
+@dataclass
+class GDNCache:
+    """Conv state ``[B, C, K-1]`` (C = 2*Hk*dk + Hv*dv) and fp32 recurrent state ``[B, Hv, dk, dv]``."""
+
+    conv: torch.Tensor
+    state: torch.Tensor
+
+
+@dataclass
+class KDACache:
+    """Conv states ``[B, H*D, K-1]`` of q, k, v and fp32 recurrent state ``[B, H, D, D]``."""
+
+    q_conv: torch.Tensor
+    k_conv: torch.Tensor
+    v_conv: torch.Tensor
+    state: torch.Tensor
+
+
+LayerCache = AttentionCache | GDNCache | KDACache
+
+
+def layer_cache(
+    spec: MixerSpec, batch: int, max_len: int, *, device: torch.device | str, dtype: torch.dtype
+) -> LayerCache:
+    """An empty (zeroed) cache for one mixer of ``spec``."""
+    z = torch.zeros
+    state_dtype = torch.promote_types(dtype, torch.float32)  # fp32 (fp64 stays fp64 for exact tests)
+    if isinstance(spec, AttentionSpec):
+        size = max_len if spec.window_size is None else min(spec.window_size, max_len)
+        shape = (batch, size, spec.head_groups, spec.head_size)
+        return AttentionCache(
+            k=z(shape, device=device, dtype=dtype),
+            v=z(shape, device=device, dtype=dtype),
+            slots=torch.arange(size, device=device),
+            ring=spec.window_size is not None,
+        )
+    if isinstance(spec, GDNSpec):
+        return GDNCache(
+            conv=z(batch, spec.conv_dim, spec.conv_kernel_size - 1, device=device, dtype=dtype),
+            state=z(
+                batch,
+                spec.value_heads,
+                spec.key_head_dim,
+                spec.value_head_dim,
+                device=device,
+                dtype=state_dtype,
+            ),
+        )
+    if isinstance(spec, KDASpec):
+        conv = (batch, spec.proj_dim, spec.conv_kernel_size - 1)
+        return KDACache(
+            q_conv=z(conv, device=device, dtype=dtype),
+            k_conv=z(conv, device=device, dtype=dtype),
+            v_conv=z(conv, device=device, dtype=dtype),
+            state=z(batch, spec.heads, spec.head_dim, spec.head_dim, device=device, dtype=state_dtype),
+        )
+    raise TypeError(f"no cache for mixer spec {type(spec).__name__}")
+
+
+class Cache:
+    """Decode cache of one placement: per-layer caches plus the next position ``pos [B]`` (device, int64).
+
+    ``length`` is the host-side count of tokens seen; it is advanced by the Python step wrapper
+    (:meth:`Supernet.decode_step`), never read back from the device.
+    """
+
+    def __init__(
+        self,
+        placement: Sequence[str],
+        specs: Sequence[MixerSpec],
+        batch: int,
+        max_len: int,
+        *,
+        device: torch.device | str,
+        dtype: torch.dtype,
+    ) -> None:
+        if batch < 1 or max_len < 1:
+            raise CacheError(f"cache needs batch >= 1 and max_len >= 1, got batch={batch} max_len={max_len}")
+        self.placement = tuple(placement)
+        self.batch = batch
+        self.max_len = max_len
+        self.layers: list[LayerCache] = [
+            layer_cache(s, batch, max_len, device=device, dtype=dtype) for s in specs
+        ]
+        self.pos = torch.zeros(batch, dtype=torch.long, device=device)
+        self.length = 0
+
+    def reset(self) -> None:
+        """Forget every token (zero the states in place; buffers are kept, so captured graphs stay valid)."""
+        for layer in self.layers:
+            for t in vars(layer).values():
+                if isinstance(t, torch.Tensor) and t.is_floating_point():
+                    t.zero_()
+        self.pos.zero_()
+        self.length = 0
+
+    def nbytes(self) -> int:
+        """Bytes held by the cache tensors."""
+        total = self.pos.nbytes
+        for layer in self.layers:
+            total += sum(t.nbytes for t in vars(layer).values() if isinstance(t, torch.Tensor))
+        return total
+
+    def check(self, placement: Sequence[str], batch: int, new_tokens: int) -> None:
+        """Raise :class:`CacheError` unless ``new_tokens`` more tokens of ``batch`` rows fit this placement."""
+        if tuple(placement) != self.placement:
+            raise CacheError("cache was built for another placement; build a new one with Supernet.new_cache")
+        if batch != self.batch:
+            raise CacheError(f"cache holds batch {self.batch}, got {batch} rows")
+        if self.length + new_tokens > self.max_len:
+            raise CacheError(
+                f"cache of max_len {self.max_len} holds {self.length} tokens; {new_tokens} more do not fit"
+            )

@@ -1,0 +1,291 @@
+"""Mixer modules whose parameter names equal the Apriel2 checkpoint tensor names.
+
+Each mixer has two entry points:
+
+- ``forward(x [B, T, d], positions [T], cache=None) -> [B, T, d]``: a whole sequence starting at position 0;
+  when ``cache`` is given it is filled for decoding.
+- ``step(x [B, 1, d], pos [B], cache) -> [B, 1, d]``: one token at position ``pos``, updating ``cache`` in place
+  with static shapes and no host synchronisation.
+
+The math lives in :mod:`placement_search.kernels`; here are only projections, reshapes and cache plumbing.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from placement_search import kernels as K
+from placement_search.evaluators.cache import AttentionCache, GDNCache, KDACache
+from placement_search.spec import AttentionSpec, GDNSpec, KDASpec, MixerSpec
+
+INIT_STD = 0.02
+
+
+class RMSNorm(nn.Module):
+    """``rms_norm(x) * weight`` over the last dimension (fp32 statistics, cast back before the weight)."""
+
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return K.rms_norm(x, self.weight, self.eps)
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        self.weight.fill_(1.0)
+
+
+def _conv(channels: int, kernel: int) -> nn.Conv1d:
+    """Depthwise conv holder; its weight is ``[C, 1, K]`` as in the checkpoint (no bias)."""
+    return nn.Conv1d(channels, channels, kernel, groups=channels, bias=False)
+
+
+@torch.no_grad()
+def init_linear_and_conv(module: nn.Module, generator: torch.Generator | None) -> None:
+    """Normal(0, 0.02) for linear weights, U(±1/sqrt(K)) for depthwise convs, zero biases."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            m.weight.normal_(0.0, INIT_STD, generator=generator)
+            if m.bias is not None:
+                m.bias.zero_()
+        elif isinstance(m, nn.Conv1d):
+            bound = 1.0 / math.sqrt(m.kernel_size[0])
+            m.weight.uniform_(-bound, bound, generator=generator)
+
+
+@torch.no_grad()
+def _init_decay(A_log: torch.Tensor, dt_bias: torch.Tensor, generator: torch.Generator | None) -> None:
+    """``A ~ U(1, 16)``, ``dt ~ logU(1e-3, 0.1)`` stored as ``dt_bias = softplus^-1(dt)`` (Mamba-style)."""
+    A_log.copy_(torch.empty_like(A_log, dtype=torch.float32).uniform_(1.0, 16.0, generator=generator).log())
+    u = torch.empty_like(dt_bias, dtype=torch.float32).uniform_(0.0, 1.0, generator=generator)
+    dt = torch.exp(u * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+    dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+
+
+# --------------------------------------------------------------------------------------------
+
+
+class Attention(nn.Module):
+    """Causal GQA attention with RoPE; sliding-window when ``spec.window_size`` is set.
+
+    Parameters: ``q_proj [H*D, d]``, ``k_proj``/``v_proj [Hkv*D, d]``, ``o_proj [d, H*D]`` (+ biases when
+    ``add_linear_biases``).
+    """
+
+    def __init__(self, hidden_size: int, spec: AttentionSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        h, hkv, dh, bias = spec.heads, spec.head_groups, spec.head_size, spec.add_linear_biases
+        self.q_proj = nn.Linear(hidden_size, h * dh, bias=bias)
+        self.k_proj = nn.Linear(hidden_size, hkv * dh, bias=bias)
+        self.v_proj = nn.Linear(hidden_size, hkv * dh, bias=bias)
+        self.o_proj = nn.Linear(h * dh, hidden_size, bias=bias)
+        self.scale = dh**-0.5
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        init_linear_and_conv(self, generator)
+
+    def _qkv(
+        self, x: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q ``[B, T, H, D]``, k and v ``[B, T, Hkv, D]``, RoPE applied to q and k at ``positions``."""
+        b, t, _ = x.shape
+        s = self.spec
+        q = self.q_proj(x).view(b, t, s.heads, s.head_size)
+        k = self.k_proj(x).view(b, t, s.head_groups, s.head_size)
+        v = self.v_proj(x).view(b, t, s.head_groups, s.head_size)
+        cos, sin = K.rope_cos_sin(positions, s.head_size, s.rope_theta, dtype=x.dtype, device=x.device)
+        return K.apply_rope(q, cos, sin), K.apply_rope(k, cos, sin), v
+
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, cache: AttentionCache | None = None
+    ) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = self._qkv(x, positions)
+        o = K.attention(q, k, v, scale=self.scale, window=self.spec.window_size)
+        if cache is not None:
+            cache.write_prefill(k, v)
+        return self.o_proj(o.reshape(b, t, -1))
+
+    def step(self, x: torch.Tensor, pos: torch.Tensor, cache: AttentionCache) -> torch.Tensor:
+        b = x.shape[0]
+        q, k, v = self._qkv(x, pos[:, None])
+        cache.write_step(k, v, pos)
+        o = K.attention_decode(q, cache.k, cache.v, cache.valid(pos), scale=self.scale)
+        return self.o_proj(o.reshape(b, 1, -1))
+
+
+class GDN(nn.Module):
+    """Gated DeltaNet.
+
+    Parameters: ``in_proj_qkvz [2*Hk*dk + 2*Hv*dv, d]`` (flat ``[Q | K | V | Z]``), ``in_proj_ba [2*Hv, d]``
+    (``[b | a]``), ``convolution [2*Hk*dk + Hv*dv, 1, K]`` over ``cat(Q, K, V)``, ``A_log [Hv]``,
+    ``dt_bias [Hv]``, ``norm [dv]``, ``out_proj [d, Hv*dv]``.
+    """
+
+    def __init__(self, hidden_size: int, spec: GDNSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        s = spec
+        self.in_proj_qkvz = nn.Linear(hidden_size, 2 * s.key_dim + 2 * s.value_dim, bias=False)
+        self.in_proj_ba = nn.Linear(hidden_size, 2 * s.value_heads, bias=False)
+        self.convolution = _conv(s.conv_dim, s.conv_kernel_size)
+        self.A_log = nn.Parameter(torch.empty(s.value_heads))
+        self.dt_bias = nn.Parameter(torch.empty(s.value_heads))
+        self.norm = RMSNorm(s.value_head_dim, s.norm_eps)
+        self.out_proj = nn.Linear(s.value_dim, hidden_size, bias=False)
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        init_linear_and_conv(self, generator)
+        _init_decay(self.A_log, self.dt_bias, generator)
+        self.norm.reset_parameters()
+
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``qkv [B, T, C]`` (conv input), ``z [B, T, Hv, dv]``, ``g [B, T, Hv]`` fp32, ``beta [B, T, Hv]``."""
+        s = self.spec
+        b, t, _ = x.shape
+        qkv, z = self.in_proj_qkvz(x).split([2 * s.key_dim + s.value_dim, s.value_dim], dim=-1)
+        beta, a = self.in_proj_ba(x).split([s.value_heads, s.value_heads], dim=-1)
+        g = K.gdn_gate(a, self.A_log, self.dt_bias)
+        return qkv, z.view(b, t, s.value_heads, s.value_head_dim), g, beta.sigmoid()
+
+    def _heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Split the conv output ``[B, T, C]`` into q, k ``[B, T, Hk, dk]`` and v ``[B, T, Hv, dv]``."""
+        s = self.spec
+        b, t, _ = qkv.shape
+        q, k, v = qkv.split([s.key_dim, s.key_dim, s.value_dim], dim=-1)
+        return (
+            q.reshape(b, t, s.key_heads, s.key_head_dim),
+            k.reshape(b, t, s.key_heads, s.key_head_dim),
+            v.reshape(b, t, s.value_heads, s.value_head_dim),
+        )
+
+    def _out(self, o: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """``out_proj(rmsnorm_over_dv(o) * norm.weight * silu(z))``; o, z ``[B, T, Hv, dv]``."""
+        o = self.norm(o.to(z.dtype)) * F.silu(z)
+        return self.out_proj(o.flatten(2))
+
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, cache: GDNCache | None = None
+    ) -> torch.Tensor:
+        qkv, z, g, beta = self._project(x)
+        qkv, conv_state = K.causal_conv1d(qkv, self.convolution.weight[:, 0], activation="silu")
+        q, k, v = self._heads(qkv)
+        o, state = K.gated_delta_rule(
+            q, k, v, g, beta, output_final_state=cache is not None, use_qk_l2norm=True
+        )
+        if cache is not None:
+            cache.conv.copy_(conv_state)
+            cache.state.copy_(state)
+        return self._out(o, z)
+
+    def step(self, x: torch.Tensor, pos: torch.Tensor, cache: GDNCache) -> torch.Tensor:
+        qkv, z, g, beta = self._project(x)
+        qkv = K.causal_conv1d_update(qkv[:, 0], cache.conv, self.convolution.weight[:, 0], activation="silu")
+        q, k, v = self._heads(qkv[:, None])
+        o = K.gated_delta_rule_step(
+            q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], cache.state, use_qk_l2norm=True
+        )
+        return self._out(o[:, None], z)
+
+
+class KDA(nn.Module):
+    """Kimi Delta Attention.
+
+    Parameters: ``{q,k,v}_proj [H*D, d]``, ``{q,k,v}_conv [H*D, 1, K]``, ``f_a_proj [D, d]``, ``f_b_proj [H*D, D]``,
+    ``g_a_proj [D, d]``, ``g_b_proj [H*D, D]``, ``beta_proj [H, d]``, ``o_proj [d, H*D]``, ``A_log [H]``,
+    ``dt_bias [H*D]``, ``norm [D]``.
+    """
+
+    def __init__(self, hidden_size: int, spec: KDASpec) -> None:
+        super().__init__()
+        self.spec = spec
+        h, dh, p, kern = spec.heads, spec.head_dim, spec.proj_dim, spec.conv_kernel_size
+        self.q_proj = nn.Linear(hidden_size, p, bias=False)
+        self.k_proj = nn.Linear(hidden_size, p, bias=False)
+        self.v_proj = nn.Linear(hidden_size, p, bias=False)
+        self.q_conv = _conv(p, kern)
+        self.k_conv = _conv(p, kern)
+        self.v_conv = _conv(p, kern)
+        self.f_a_proj = nn.Linear(hidden_size, dh, bias=False)
+        self.f_b_proj = nn.Linear(dh, p, bias=False)
+        self.g_a_proj = nn.Linear(hidden_size, dh, bias=False)
+        self.g_b_proj = nn.Linear(dh, p, bias=False)
+        self.beta_proj = nn.Linear(hidden_size, h, bias=False)
+        self.o_proj = nn.Linear(p, hidden_size, bias=False)
+        self.A_log = nn.Parameter(torch.empty(h))
+        self.dt_bias = nn.Parameter(torch.empty(p))
+        self.norm = RMSNorm(dh, spec.norm_eps)
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        init_linear_and_conv(self, generator)
+        _init_decay(self.A_log, self.dt_bias, generator)
+        self.norm.reset_parameters()
+
+    def _gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Decay ``g [B, T, H, D]`` fp32, ``beta [B, T, H]`` and output gate ``[B, T, H, D]``."""
+        s = self.spec
+        b, t, _ = x.shape
+        g = K.kda_gate(self.f_b_proj(self.f_a_proj(x)), self.A_log, self.dt_bias, s.heads)
+        gate = self.g_b_proj(self.g_a_proj(x)).view(b, t, s.heads, s.head_dim)
+        return g, self.beta_proj(x).sigmoid(), gate
+
+    def _out(self, o: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """``o_proj(rmsnorm_over_D(o) * norm.weight * silu(gate))``; o, gate ``[B, T, H, D]``."""
+        o = self.norm(o.to(gate.dtype)) * F.silu(gate)
+        return self.o_proj(o.flatten(2))
+
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, cache: KDACache | None = None
+    ) -> torch.Tensor:
+        s = self.spec
+        b, t, _ = x.shape
+        q, q_state = K.causal_conv1d(self.q_proj(x), self.q_conv.weight[:, 0], activation="silu")
+        k, k_state = K.causal_conv1d(self.k_proj(x), self.k_conv.weight[:, 0], activation="silu")
+        v, v_state = K.causal_conv1d(self.v_proj(x), self.v_conv.weight[:, 0], activation="silu")
+        g, beta, gate = self._gates(x)
+        heads = (b, t, s.heads, s.head_dim)
+        o, state = K.kda(
+            q.view(heads), k.view(heads), v.view(heads), g, beta,
+            output_final_state=cache is not None, use_qk_l2norm=True,
+        )  # fmt: skip
+        if cache is not None:
+            cache.q_conv.copy_(q_state)
+            cache.k_conv.copy_(k_state)
+            cache.v_conv.copy_(v_state)
+            cache.state.copy_(state)
+        return self._out(o, gate)
+
+    def step(self, x: torch.Tensor, pos: torch.Tensor, cache: KDACache) -> torch.Tensor:
+        s = self.spec
+        b = x.shape[0]
+        x0 = x[:, 0]
+        q = K.causal_conv1d_update(self.q_proj(x0), cache.q_conv, self.q_conv.weight[:, 0], activation="silu")
+        k = K.causal_conv1d_update(self.k_proj(x0), cache.k_conv, self.k_conv.weight[:, 0], activation="silu")
+        v = K.causal_conv1d_update(self.v_proj(x0), cache.v_conv, self.v_conv.weight[:, 0], activation="silu")
+        g, beta, gate = self._gates(x)
+        heads = (b, s.heads, s.head_dim)
+        o = K.kda_step(
+            q.view(heads), k.view(heads), v.view(heads), g[:, 0], beta[:, 0], cache.state, use_qk_l2norm=True
+        )
+        return self._out(o[:, None], gate)
+
+
+Mixer = Attention | GDN | KDA
+
+
+def build_mixer(hidden_size: int, spec: MixerSpec) -> Mixer:
+    """The module for ``spec`` (uninitialised parameters; call ``reset_parameters``)."""
+    if isinstance(spec, AttentionSpec):
+        return Attention(hidden_size, spec)
+    if isinstance(spec, GDNSpec):
+        return GDN(hidden_size, spec)
+    if isinstance(spec, KDASpec):
+        return KDA(hidden_size, spec)
+    raise TypeError(f"unsupported mixer spec {type(spec).__name__}")

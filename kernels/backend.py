@@ -1,0 +1,87 @@
+"""Backend selection for the mixer kernels.
+
+Rules (see docs/platform.md):
+
+* fla (flash-linear-attention) is an optional dependency (the ``gpu`` extra). ``import fla.ops`` needs Triton even
+  on CPU and its kernels fail on CPU tensors, so fla is imported lazily and only for CUDA tensors.
+* ``"auto"`` picks the fastest exact path available for the tensors' device: fla on CUDA when importable,
+  otherwise the pure-PyTorch chunked form; for attention, SDPA/FlexAttention on CUDA and the explicit fp32
+  softmax reference on CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from types import ModuleType
+
+import torch
+
+LINEAR_BACKENDS = ("auto", "naive", "chunk", "fla")
+STEP_BACKENDS = ("auto", "naive", "chunk", "fla")
+ATTENTION_BACKENDS = ("auto", "reference", "sdpa", "flex")
+DECODE_BACKENDS = ("auto", "reference", "sdpa", "sdpa_grouped")
+
+
+@functools.cache
+def fla_available() -> bool:
+    """True when ``fla.ops`` imports (needs triton). Never call this for CPU-only work."""
+    try:
+        importlib.import_module("fla.ops.gated_delta_rule")
+        importlib.import_module("fla.ops.kda")
+    except Exception:
+        return False
+    return True
+
+
+def fla_module(name: str) -> ModuleType:
+    """Import ``fla.ops.<name>`` lazily (only ever called on the CUDA path)."""
+    return importlib.import_module(f"fla.ops.{name}")
+
+
+def _check(backend: str, allowed: tuple[str, ...], what: str) -> None:
+    if backend not in allowed:
+        raise ValueError(f"unknown {what} backend {backend!r}; expected one of {allowed}")
+
+
+def resolve_linear_backend(backend: str, device: torch.device) -> str:
+    """Resolve a gated-delta-rule / KDA prefill backend to ``"naive"``, ``"chunk"`` or ``"fla"``."""
+    _check(backend, LINEAR_BACKENDS, "linear-attention")
+    if backend == "auto":
+        return "fla" if device.type == "cuda" and fla_available() else "chunk"
+    if backend == "fla":
+        if device.type != "cuda":
+            raise ValueError("backend 'fla' needs CUDA tensors (fla's Triton kernels fail on CPU)")
+        if not fla_available():
+            raise ImportError("backend 'fla' needs fla-core (pip install 'placement-search[gpu]')")
+    return backend
+
+
+def resolve_step_backend(backend: str, device: torch.device) -> str:
+    """Resolve a decode-step backend to ``"torch"`` or ``"fla"`` (``naive``/``chunk`` both mean torch)."""
+    _check(backend, STEP_BACKENDS, "decode-step")
+    resolved = resolve_linear_backend(backend, device)
+    return "fla" if resolved == "fla" else "torch"
+
+
+def resolve_attention_backend(backend: str, device: torch.device, *, windowed: bool) -> str:
+    """Resolve a prefill attention backend to ``"reference"``, ``"sdpa"`` or ``"flex"``.
+
+    ``auto``: CPU -> reference; CUDA -> SDPA (cuDNN first) for full causal, FlexAttention for a window.
+    """
+    _check(backend, ATTENTION_BACKENDS, "attention")
+    if backend == "auto":
+        if device.type != "cuda":
+            return "reference"
+        return "flex" if windowed else "sdpa"
+    if backend == "flex" and device.type != "cuda":
+        raise ValueError("backend 'flex' is only used on CUDA here; use 'reference' or 'sdpa' on CPU")
+    return backend
+
+
+def resolve_decode_backend(backend: str, device: torch.device) -> str:
+    """Resolve a decode attention backend to ``"reference"``, ``"sdpa"`` or ``"sdpa_grouped"``."""
+    _check(backend, DECODE_BACKENDS, "decode attention")
+    if backend == "auto":
+        return "sdpa" if device.type == "cuda" else "reference"
+    return backend
