@@ -1,0 +1,108 @@
+"""devnet: the tiny pipeline end to end on CPU, interrupted and resumed, and what it saves."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from placement_search.devnet.config import EvidenceSettings, tiny_settings
+from placement_search.devnet.corpus import Corpus
+from placement_search.devnet.evaluate import EvalSet, block_metrics
+from placement_search.devnet.train import PipelineError, run_pipeline
+from placement_search.devnet.transfer import is_shared
+from placement_search.evaluators import load_supernet, load_tokenizer
+
+
+def _settings():
+    s = tiny_settings()
+    fast = {"steps": 5, "save_every": 100, "eval_every": 100, "eval_blocks": 2}
+    return dataclasses.replace(
+        s,
+        teacher=dataclasses.replace(s.teacher, **fast),
+        distill=dataclasses.replace(s.distill, kept_checkpoints=4, **fast),
+        evidence=EvidenceSettings(random_placements=1, arrangements=0, eval_blocks=2, kv_blocks=4, batch_size=4,
+                                  groups=("uniform", "random", "half_attention_sliding_window")),
+    )
+
+
+def _log(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("devnet")
+    settings = _settings()
+    first = run_pipeline(out, settings, "cpu", stop_after={"teacher": 3})
+    teacher_log_1 = _log(out / "teacher-log.jsonl")
+    second = run_pipeline(out, settings, "cpu", stop_after={"supernet": 2})
+    third = run_pipeline(out, settings, "cpu")
+    return out, settings, (first, second, third), teacher_log_1
+
+
+def test_resume_continues(run):
+    out, settings, (first, second, third), teacher_log_1 = run
+    assert first["teacher"]["steps"] == 3 and "supernet" not in first
+    assert [r["step"] for r in teacher_log_1 if r["kind"] == "train"] == [1, 2, 3]
+    assert second["teacher"] == {**second["teacher"], "steps": 5, "total_steps": 5, "resumed_from": 3}
+    assert second["supernet"]["steps"] == 2
+    assert third["supernet"] == {"steps": 5, "total_steps": 5, "resumed_from": 2}
+    for log in ("teacher-log.jsonl", "distill-log.jsonl"):
+        steps = [r["step"] for r in _log(out / log) if r["kind"] == "train"]
+        assert steps == [1, 2, 3, 4, 5], log
+    assert json.loads((out / "supernet-state" / "state.json").read_text())["step"] == 5
+    # finished stages are skipped; changed settings are refused
+    again = run_pipeline(out, settings, "cpu")
+    assert again["supernet"] == third["supernet"]
+    with pytest.raises(PipelineError, match="settings differ"):
+        run_pipeline(out, dataclasses.replace(settings, save_dtype="float32"), "cpu")
+
+
+def test_outputs_load_and_reproduce(run):
+    out, _, _, _ = run
+    kept = sorted(p.name for p in out.glob("supernet-step*"))
+    assert kept == ["supernet-step000001", "supernet-step000002", "supernet-step000003", "supernet-step000004"]
+    assert load_tokenizer(out / "supernet").eos_token == "<|endoftext|>"
+    model = load_supernet(out / "supernet", dtype=torch.float32)
+    assert model.spec.num_layers == 4 and set(model.spec.mixer_names) == {"attention", "sliding_window", "gdn", "kda"}
+    evidence = json.loads((out / "evidence.json").read_text())
+    corpus = Corpus.load(out / "corpus.npz")
+    data = EvalSet.from_corpus(corpus, range(2), range(4), torch.device("cpu"), 4)
+    for name in ("all_attention", "all_gdn", "all_kda"):
+        placement = evidence["placements"][name]["placement"]
+        model.set_placement(placement)
+        loss = block_metrics(model, data)["loss"].mean()
+        assert loss == pytest.approx(evidence["placements"][name]["loss_A"], rel=1e-6)
+        thin = load_supernet(out / "supernet", [placement], dtype=torch.float32)
+        thin.set_placement(placement)
+        x = data.blocks[:2]
+        with torch.no_grad():
+            assert torch.equal(thin(x), model(x))
+    assert set(evidence["checks"]) >= {"all_attention_matches_teacher", "placements_spread",
+                                       "swa_fails_beyond_window", "arrangement_matters"}  # fmt: skip
+    assert (out / "evidence.md").read_text().startswith("# Dev supernet")
+    manifest = json.loads((out / "corpus-manifest.json").read_text())
+    assert {f["split"] for f in manifest["files"]} == {"train", "heldout"}
+    assert np.load(out / "corpus.npz", allow_pickle=False)["train_tokens"].dtype == np.uint16
+
+
+def test_distillation_froze_shared_tensors(run):
+    out, _, _, _ = run
+
+    def tensors(path: Path) -> dict[str, torch.Tensor]:
+        with safe_open(path / "model.safetensors", "pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+
+    teacher, supernet = tensors(out / "teacher"), tensors(out / "supernet")
+    first = tensors(out / "supernet-step000001")
+    shared = [k for k in supernet if is_shared(k)]
+    assert shared and all(torch.equal(supernet[k], teacher[k]) for k in shared)
+    mixer_keys = [k for k in supernet if not is_shared(k)]
+    assert any(not torch.equal(supernet[k], first[k]) for k in mixer_keys)  # mixers trained
+    assert supernet[mixer_keys[0]].dtype == torch.bfloat16
