@@ -21,6 +21,7 @@ from placement_search.errors import PlacementSearchError
 VERBS: list[str] = [
     "placement_search.cli.validate",
     "placement_search.cli.export",
+    "placement_search.cli.throughput",
     "placement_search.cli.fit",
 ]
 
