@@ -26,12 +26,18 @@ test: $(STAMP) lint
 	$(BIN)/python -m pytest -q; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
 
-# The main job, until `placement-search optimize` lands: export the example presets to every serving format.
+# The main job, until `placement-search optimize` lands: check the example presets, predict their decode
+# throughput on the H200 from the shipped 15B cost table, and export them to every serving format (out/).
+EXAMPLE := examples/hand-picked-15b.presets.json
 demo: $(STAMP)
-	$(BIN)/placement-search validate examples/hand-picked-15b.presets.json
-	for fmt in fast-llm-yaml vllm deployment-config; do \
-	  $(BIN)/placement-search export examples/hand-picked-15b.presets.json --format $$fmt --out out/$$fmt || exit 2; \
+	$(BIN)/placement-search validate $(EXAMPLE)
+	for code in $$($(BIN)/python -c "from placement_search.presets import read_presets; \
+	    print(' '.join(p.placement.code() for p in read_presets('$(EXAMPLE)').presets))"); do \
+	  $(BIN)/placement-search throughput $$code --context 32768 --batch-policy max_fit || exit 2; \
 	done
+	$(BIN)/placement-search export $(EXAMPLE) --format fast-llm-yaml --out out/placements.yaml
+	$(BIN)/placement-search export $(EXAMPLE) --format vllm --out out/vllm
+	$(BIN)/placement-search export $(EXAMPLE) --format deployment-config --out out/deployment
 
 clean:
 	rm -rf $(VENV) out build *.egg-info .pytest_cache .ruff_cache
