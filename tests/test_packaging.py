@@ -30,3 +30,12 @@ def test_core_import_does_not_load_torch() -> None:
         "assert 'torch' not in sys.modules, 'torch imported by the core'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_throughput_prediction_needs_no_torch() -> None:
+    code = (
+        "import sys; from placement_search.cli import main;"
+        "assert main(['throughput', 'A' * 48, '--context', '32768']) == 0;"
+        "assert 'torch' not in sys.modules, 'torch imported by a table prediction'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, capture_output=True)
