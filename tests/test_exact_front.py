@@ -88,3 +88,42 @@ def test_pareto_mask_and_hypervolume() -> None:
     # staircase area above reference (0, 0): [3,1] -> 3*1, [2,4] -> 2*3, [1,5] -> 1*1 ; [0,6] adds nothing (x=0)
     assert hypervolume(pts[:6], (0.0, 0.0)) == pytest.approx(3 + 6 + 1)
     assert hypervolume(np.array([[1.0, 1.0]]), (2.0, 0.0)) == 0.0
+
+
+def _count_speed(counts: dict) -> float:
+    # nonlinear in the counts, like throughput under max_fit; nan = "does not fit"
+    a = counts.get("m0", 0)
+    if a >= 5:
+        return float("nan")
+    return 100.0 / (1.0 + a * a) + 3.0 * counts.get("m2", 0) - 0.5 * counts.get("m1", 0)
+
+
+@pytest.mark.parametrize(("n", "m", "depth", "seed"), [(6, 3, 0, 0), (6, 3, 2, 1), (6, 4, 3, 2), (7, 3, 3, 3),
+                                                       (3, 4, 3, 4), (1, 3, 0, 5)])
+def test_counts_front_matches_brute_force(n, m, depth, seed) -> None:
+    from placement_search.exact_front import exact_front_by_counts
+
+    space = SearchSpace.uniform(n, [f"m{j}" for j in range(m)])
+    unary, _, pair = random_problem(n, m, depth, seed, integer_cost=True)
+    front = exact_front_by_counts(space, unary, _count_speed, pair, intercept=0.2)
+    idx = np.array(list(itertools.product(range(m), repeat=n)))
+    q, _ = evaluate(idx, unary, pair, 0.2, np.zeros((n, m)))
+    sp = np.array([_count_speed({f"m{j}": int((row == j).sum()) for j in range(m)}) for row in idx])
+    ok = ~np.isnan(sp)
+    mask = pareto_mask(np.stack([q[ok], sp[ok]], axis=1))
+    ref = sorted(zip(np.round(sp[ok][mask], 9), np.round(q[ok][mask], 9), strict=True))
+    got = sorted(zip(np.round(front.speed, 9), np.round(front.quality, 9), strict=True))
+    assert got == ref
+    for p, s in zip(front.placements, front.speed, strict=True):
+        assert _count_speed(p.counts()) == pytest.approx(s)
+
+
+def test_counts_front_full_size() -> None:
+    from placement_search.exact_front import exact_front_by_counts
+
+    space = SearchSpace.uniform(48, ["attention", "sliding_window", "gdn", "kda"])
+    unary, _, pair = random_problem(48, 4, 2, 14, integer_cost=False)  # D=2: 1.9M cells (D=3: 7.5M, ~4x longer)
+    t0 = time.perf_counter()
+    front = exact_front_by_counts(space, unary, lambda c: 1.0 / (1 + c["attention"]) + 0.01 * c["gdn"], pair)
+    assert time.perf_counter() - t0 < 60
+    assert len(front) > 5 and (np.diff(front.speed) > 0).all() and (np.diff(front.quality) < 0).all()
