@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from placement_search import kernels as K
 from placement_search.errors import PlacementSearchError
 from placement_search.spec import AttentionSpec, GDNSpec, KDASpec, MixerSpec
 
@@ -54,12 +55,28 @@ class AttentionCache:
         self.k[:, idx] = k[:, first:]
         self.v[:, idx] = v[:, first:]
 
-    def write_step(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
-        """Write one token's ``k, v [B, 1, Hkv, D]`` at position ``pos [B]`` in place (no host sync)."""
-        slot = pos % self.size if self.ring else pos
-        idx = slot.view(-1, 1, 1, 1).expand_as(k)
-        self.k.scatter_(1, idx, k)
-        self.v.scatter_(1, idx, v)
+    def slot(self, pos: torch.Tensor) -> torch.Tensor:
+        """LongTensor ``[B]``: the slot of token ``pos [B]`` (``pos % S`` in a ring)."""
+        return pos % self.size if self.ring else pos
+
+    def write_step(
+        self,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        pos: torch.Tensor,
+        *,
+        slot: torch.Tensor | None = None,
+        rows: torch.Tensor | None = None,
+    ) -> None:
+        """Write one token's ``k, v [B, 1, Hkv, D]`` at position ``pos [B]`` in place (no host sync).
+
+        One indexed copy per tensor (``cache[rows, slot] = k``); ``slot`` (:meth:`slot`) and ``rows``
+        (``arange(B)``) may come precomputed from a :class:`StepContext`.
+        """
+        slot = self.slot(pos) if slot is None else slot
+        rows = torch.arange(k.shape[0], device=k.device) if rows is None else rows
+        self.k[rows, slot] = k[:, 0]
+        self.v[rows, slot] = v[:, 0]
 
 
 @dataclass
@@ -81,6 +98,49 @@ class KDACache:
 
 
 LayerCache = AttentionCache | GDNCache | KDACache
+
+
+class StepContext:
+    """What every layer of one decode step shares, derived from the positions ``pos [B]`` once per step.
+
+    Built by :meth:`Supernet._step <placement_search.evaluators.supernet.Supernet._step>` and handed to each
+    block, so the RoPE tables, ring slots and validity masks are computed once per step (per head size / cache
+    size) instead of once per layer. Every value is memoised on first use; nothing reads a device value.
+    """
+
+    def __init__(self, pos: torch.Tensor) -> None:
+        self.pos = pos
+        self._rows: torch.Tensor | None = None
+        self._rope: dict[tuple[int, float, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._slot: dict[tuple[int, bool], torch.Tensor] = {}
+        self._valid: dict[int, torch.Tensor] = {}
+
+    @property
+    def rows(self) -> torch.Tensor:
+        """``arange(B)`` on the positions' device."""
+        if self._rows is None:
+            self._rows = torch.arange(self.pos.shape[0], device=self.pos.device)
+        return self._rows
+
+    def rope(self, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin_signed)`` ``[B, 1, 1, D]`` fp32 for :func:`~placement_search.kernels.apply_rope_tables`."""
+        key = (head_dim, theta, dtype)
+        if key not in self._rope:
+            self._rope[key] = K.rope_step_tables(self.pos, head_dim, theta, dtype=dtype)
+        return self._rope[key]
+
+    def slot(self, cache: AttentionCache) -> torch.Tensor:
+        """The write slot ``[B]`` of this step's token in ``cache``."""
+        key = (cache.size, cache.ring)
+        if key not in self._slot:
+            self._slot[key] = cache.slot(self.pos)
+        return self._slot[key]
+
+    def valid(self, cache: AttentionCache) -> torch.Tensor:
+        """Bool ``[B, S]`` (:meth:`AttentionCache.valid`), shared by all caches of size ``S``."""
+        if cache.size not in self._valid:
+            self._valid[cache.size] = cache.valid(self.pos)
+        return self._valid[cache.size]
 
 
 def layer_cache(

@@ -4,8 +4,14 @@ Each mixer has two entry points:
 
 - ``forward(x [B, T, d], positions [T], cache=None) -> [B, T, d]``: a whole sequence starting at position 0;
   when ``cache`` is given it is filled for decoding.
-- ``step(x [B, 1, d], pos [B], cache) -> [B, 1, d]``: one token at position ``pos``, updating ``cache`` in place
-  with static shapes and no host synchronisation.
+- ``step(x [B, 1, d], pos [B], cache, ctx=None) -> [B, 1, d]``: one token at position ``pos``, updating ``cache``
+  in place with static shapes and no host synchronisation. ``ctx`` (:class:`~.cache.StepContext`) carries what all
+  layers of a step share (RoPE tables, slots, masks); without it the layer builds its own.
+
+GDN and KDA decode through :func:`~placement_search.kernels.gdn_decode_step` /
+:func:`~placement_search.kernels.kda_decode_step`: one fused Triton launch between the projections on CUDA
+(``decode_backend = "auto"``), the torch composition of the same ops on CPU. Set a module's ``decode_backend``
+to ``"torch"``, ``"fla"`` or ``"triton"`` to force a path.
 
 The math lives in :mod:`placement_search.kernels`; here are only projections, reshapes and cache plumbing.
 """
@@ -19,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from placement_search import kernels as K
-from placement_search.evaluators.cache import AttentionCache, GDNCache, KDACache
+from placement_search.evaluators.cache import AttentionCache, GDNCache, KDACache, StepContext
 from placement_search.spec import AttentionSpec, GDNSpec, KDASpec, MixerSpec
 
 INIT_STD = 0.02
@@ -113,11 +119,19 @@ class Attention(nn.Module):
             cache.write_prefill(k, v)
         return self.o_proj(o.reshape(b, t, -1))
 
-    def step(self, x: torch.Tensor, pos: torch.Tensor, cache: AttentionCache) -> torch.Tensor:
+    def step(
+        self, x: torch.Tensor, pos: torch.Tensor, cache: AttentionCache, ctx: StepContext | None = None
+    ) -> torch.Tensor:
         b = x.shape[0]
-        q, k, v = self._qkv(x, pos[:, None])
-        cache.write_step(k, v, pos)
-        o = K.attention_decode(q, cache.k, cache.v, cache.valid(pos), scale=self.scale)
+        s = self.spec
+        ctx = StepContext(pos) if ctx is None else ctx
+        q = self.q_proj(x).view(b, 1, s.heads, s.head_size)
+        k = self.k_proj(x).view(b, 1, s.head_groups, s.head_size)
+        v = self.v_proj(x).view(b, 1, s.head_groups, s.head_size)
+        cos, sin_signed = ctx.rope(s.head_size, s.rope_theta, x.dtype)
+        q, k = K.apply_rope_tables(q, cos, sin_signed), K.apply_rope_tables(k, cos, sin_signed)
+        cache.write_step(k, v, pos, slot=ctx.slot(cache), rows=ctx.rows)
+        o = K.attention_decode(q, cache.k, cache.v, ctx.valid(cache), scale=self.scale)
         return self.o_proj(o.reshape(b, 1, -1))
 
 
@@ -140,6 +154,7 @@ class GDN(nn.Module):
         self.dt_bias = nn.Parameter(torch.empty(s.value_heads))
         self.norm = RMSNorm(s.value_head_dim, s.norm_eps)
         self.out_proj = nn.Linear(s.value_dim, hidden_size, bias=False)
+        self.decode_backend = "auto"
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         init_linear_and_conv(self, generator)
@@ -185,14 +200,18 @@ class GDN(nn.Module):
             cache.state.copy_(state)
         return self._out(o, z)
 
-    def step(self, x: torch.Tensor, pos: torch.Tensor, cache: GDNCache) -> torch.Tensor:
-        qkv, z, g, beta = self._project(x)
-        qkv = K.causal_conv1d_update(qkv[:, 0], cache.conv, self.convolution.weight[:, 0], activation="silu")
-        q, k, v = self._heads(qkv[:, None])
-        o = K.gated_delta_rule_step(
-            q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], cache.state, use_qk_l2norm=True
-        )
-        return self._out(o[:, None], z)
+    def step(
+        self, x: torch.Tensor, pos: torch.Tensor, cache: GDNCache, ctx: StepContext | None = None
+    ) -> torch.Tensor:
+        s = self.spec
+        x0 = x[:, 0]
+        qkv, z = self.in_proj_qkvz(x0).split([2 * s.key_dim + s.value_dim, s.value_dim], dim=-1)
+        b, a = self.in_proj_ba(x0).split([s.value_heads, s.value_heads], dim=-1)
+        o = K.gdn_decode_step(
+            qkv, z, b, a, cache.conv, self.convolution.weight, self.A_log, self.dt_bias, self.norm.weight,
+            cache.state, norm_eps=self.norm.eps, backend=self.decode_backend,
+        )  # fmt: skip
+        return self.out_proj(o)[:, None]
 
 
 class KDA(nn.Module):
@@ -222,6 +241,7 @@ class KDA(nn.Module):
         self.A_log = nn.Parameter(torch.empty(h))
         self.dt_bias = nn.Parameter(torch.empty(p))
         self.norm = RMSNorm(dh, spec.norm_eps)
+        self.decode_backend = "auto"
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         init_linear_and_conv(self, generator)
@@ -262,19 +282,18 @@ class KDA(nn.Module):
             cache.state.copy_(state)
         return self._out(o, gate)
 
-    def step(self, x: torch.Tensor, pos: torch.Tensor, cache: KDACache) -> torch.Tensor:
-        s = self.spec
-        b = x.shape[0]
+    def step(
+        self, x: torch.Tensor, pos: torch.Tensor, cache: KDACache, ctx: StepContext | None = None
+    ) -> torch.Tensor:
         x0 = x[:, 0]
-        q = K.causal_conv1d_update(self.q_proj(x0), cache.q_conv, self.q_conv.weight[:, 0], activation="silu")
-        k = K.causal_conv1d_update(self.k_proj(x0), cache.k_conv, self.k_conv.weight[:, 0], activation="silu")
-        v = K.causal_conv1d_update(self.v_proj(x0), cache.v_conv, self.v_conv.weight[:, 0], activation="silu")
-        g, beta, gate = self._gates(x)
-        heads = (b, s.heads, s.head_dim)
-        o = K.kda_step(
-            q.view(heads), k.view(heads), v.view(heads), g[:, 0], beta[:, 0], cache.state, use_qk_l2norm=True
-        )
-        return self._out(o[:, None], gate)
+        o = K.kda_decode_step(
+            self.q_proj(x0), self.k_proj(x0), self.v_proj(x0), self.f_b_proj(self.f_a_proj(x0)),
+            self.beta_proj(x0), self.g_b_proj(self.g_a_proj(x0)),
+            cache.q_conv, cache.k_conv, cache.v_conv, self.q_conv.weight, self.k_conv.weight, self.v_conv.weight,
+            self.A_log, self.dt_bias, self.norm.weight, cache.state,
+            norm_eps=self.norm.eps, backend=self.decode_backend,
+        )  # fmt: skip
+        return self.o_proj(o)[:, None]
 
 
 Mixer = Attention | GDN | KDA

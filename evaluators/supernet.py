@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from placement_search.errors import PlacementError
-from placement_search.evaluators.cache import Cache, CacheError
+from placement_search.evaluators.cache import Cache, CacheError, StepContext
 from placement_search.evaluators.mixers import INIT_STD, Mixer, RMSNorm, build_mixer, init_linear_and_conv
 from placement_search.placement import Placement
 from placement_search.spec import LayerSpec, ModelSpec
@@ -63,12 +63,18 @@ class Block(nn.Module):
         self.mlp = MLP(hidden_size, layer.mlp.intermediate_size, layer.mlp.add_linear_biases)
 
     def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, cache: Any = None, decode: bool = False
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        cache: Any = None,
+        decode: bool = False,
+        ctx: StepContext | None = None,
     ) -> torch.Tensor:
-        """``x [B, T, d]``; ``positions [T]`` (whole sequence) or ``[B]`` (one decode step, ``T == 1``)."""
+        """``x [B, T, d]``; ``positions [T]`` (whole sequence) or ``[B]`` (one decode step, ``T == 1``, with the
+        step's shared :class:`StepContext` when the caller has one)."""
         mixer: Mixer = self.mixer.mixers[self.mixer.active]
         h = self.input_layernorm(x)
-        h = mixer.step(h, positions, cache) if decode else mixer(h, positions, cache)
+        h = mixer.step(h, positions, cache, ctx) if decode else mixer(h, positions, cache)
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -237,13 +243,15 @@ class Supernet(nn.Module):
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """One decode step: ``token [B, 1]`` at position ``cache.pos``; logits ``[B, 1, V]``.
 
-        Everything on tensors happens in place on ``cache`` with static shapes and no host sync.
+        Everything on tensors happens in place on ``cache`` with static shapes and no host sync. What the layers
+        share (RoPE tables, ring slots, validity masks) is built once for the step in a :class:`StepContext`.
         """
         cache.check(self.placement, token.shape[0], 1)
+        ctx = StepContext(cache.pos)
         x = self.model.embed_tokens(token)
         hidden = [x] if return_hidden_states else []
         for i, block in enumerate(self.blocks):
-            x = block(x, cache.pos, cache.layers[i], decode=True)
+            x = block(x, cache.pos, cache.layers[i], decode=True, ctx=ctx)
             if return_hidden_states:
                 hidden.append(x)
         logits = self.lm_head(self.model.norm(x))

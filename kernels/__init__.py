@@ -17,12 +17,14 @@ from .delta_rule import (
     l2norm,
     naive_delta_rule,
 )
+from .fused_decode import gdn_decode_step, kda_decode_step
 from .kda import kda, kda_gate, kda_step
 from .norm import rms_norm
-from .rope import apply_rope, rope_cos_sin, rotate_half
+from .rope import apply_rope, apply_rope_tables, rope_cos_sin, rope_step_tables, rotate_half
 
 __all__ = [
     "apply_rope",
+    "apply_rope_tables",
     "attention",
     "attention_decode",
     "causal_conv1d",
@@ -33,13 +35,16 @@ __all__ = [
     "fla_available",
     "gated_delta_rule",
     "gated_delta_rule_step",
+    "gdn_decode_step",
     "gdn_gate",
     "kda",
+    "kda_decode_step",
     "kda_gate",
     "kda_step",
     "l2norm",
     "naive_delta_rule",
     "rms_norm",
     "rope_cos_sin",
+    "rope_step_tables",
     "rotate_half",
 ]

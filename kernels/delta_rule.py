@@ -299,26 +299,60 @@ def gated_delta_rule_step(
         g: ``[B, HV]`` fp32 log decay.
         beta: ``[B, HV]``.
         state: ``[B, HV, DK, DV]`` fp32, overwritten with the new state.
-        backend: ``"auto"``, ``"fla"`` (``fused_recurrent_gated_delta_rule``, result copied into ``state``),
-            ``"naive"``/``"chunk"`` (torch).
+        backend: ``"auto"``, ``"fla"`` (fla's fused-recurrent kernel updating ``state`` in place: no new state,
+            no copy back), ``"naive"``/``"chunk"`` (torch).
 
     Returns:
         ``o [B, HV, DV]`` in v.dtype.
     """
     scale = _default_scale(scale, k.shape[-1])
     if resolve_step_backend(backend, q.device) == "fla":
-        mod = fla_module("gated_delta_rule")
-        o, final = mod.fused_recurrent_gated_delta_rule(
-            q[:, None].contiguous(),
-            k[:, None].contiguous(),
-            v[:, None].contiguous(),
-            g=g[:, None].float().contiguous(),
-            beta=beta[:, None].contiguous(),
-            scale=scale,
-            initial_state=state,
-            output_final_state=True,
-            use_qk_l2norm_in_kernel=use_qk_l2norm,
-        )
-        state.copy_(final)
-        return o[:, 0]
+        return _fla_step_inplace(q, k, v, g, beta, state, scale=scale, use_qk_l2norm=use_qk_l2norm)
     return delta_rule_step_torch(q, k, v, g, beta, state, scale=scale, use_qk_l2norm=use_qk_l2norm)
+
+
+def _fla_step_inplace(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    beta: Tensor,
+    state: Tensor,
+    *,
+    scale: float,
+    use_qk_l2norm: bool,
+) -> Tensor:
+    """fla's fused-recurrent GDN kernel with the state as both initial and final state (``h0 = ht = state``).
+
+    Each program reads its ``[DK, BV]`` tile of the state and writes the same tile back, so passing one buffer
+    for both is race-free; nothing is allocated for the final state and nothing is copied back (the public
+    ``fused_recurrent_gated_delta_rule`` allocates a fresh fp32 state every call). Same kernel, same launch
+    parameters as the public path: same results. Shapes as :func:`gated_delta_rule_step`.
+    """
+    import triton
+
+    fr = fla_module("gated_delta_rule.fused_recurrent")
+    target = state if state.is_contiguous() and state.dtype == torch.float32 else state.float().contiguous()
+    B, HK, DK = k.shape
+    HV, DV = v.shape[1], v.shape[2]
+    q4, k4, v4 = q[:, None].contiguous(), k[:, None].contiguous(), v[:, None].contiguous()
+    beta4 = beta[:, None].contiguous()
+    o = torch.empty_like(v4)
+    g4 = g[:, None].float().contiguous()
+    bk, bv = triton.next_power_of_2(DK), min(8, triton.next_power_of_2(DV))
+    try:
+        fr.fused_recurrent_gated_delta_rule_fwd_kernel[(triton.cdiv(DV, bv) * B * HV,)](
+            q=q4, k=k4, v=v4, g=g4, gk=None, gv=None, beta=beta4, A_log=None, dt_bias=None, o=o,
+            h0=target, ht=target, cu_seqlens=None, scale=scale, T=1, H=HK, HV=HV, K=DK, V=DV, BK=bk, BV=bv,
+            IS_BETA_HEADWISE=True, USE_QK_L2NORM_IN_KERNEL=use_qk_l2norm, APPLY_BETA_SIGMOID=False,
+            ALLOW_NEG_EIGVAL=False, STATE_V_FIRST=False, num_warps=1, num_stages=3,
+        )  # fmt: skip
+    except TypeError:  # another fla version's kernel signature: the public call (fresh state, copied back)
+        o, final = fla_module("gated_delta_rule").fused_recurrent_gated_delta_rule(
+            q4, k4, v4, g=g4, beta=beta4, scale=scale, initial_state=target, output_final_state=True,
+            use_qk_l2norm_in_kernel=use_qk_l2norm,
+        )  # fmt: skip
+        target.copy_(final)
+    if target is not state:
+        state.copy_(target)
+    return o[:, 0]

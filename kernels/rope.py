@@ -61,3 +61,42 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     x32 = x.float()
     out = x32 * cos_b.float() + rotate_half(x32) * sin_b.float()
     return out.to(x.dtype)
+
+
+def rope_step_tables(
+    positions: Tensor, head_dim: int, theta: float, *, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """Tables for one decode step, built once and shared by every attention layer of that head size and theta.
+
+    Args:
+        positions: LongTensor ``[B]`` (one token per row).
+        head_dim: D (even).
+        theta: RoPE base.
+        dtype: activation dtype: the tables are rounded to it, as :func:`rope_cos_sin` tables of that dtype are.
+
+    Returns:
+        ``(cos [B, 1, 1, D], sin_signed [B, 1, 1, D])`` in fp32, ``sin_signed = (-sin, +sin)`` over the two halves,
+        for :func:`apply_rope_tables`.
+    """
+    cos, sin = rope_cos_sin(positions, head_dim, theta, dtype=dtype)
+    half = head_dim // 2
+    sin = sin.float()
+    sin[..., :half].neg_()
+    return cos.float()[:, None, None, :], sin[:, None, None, :]
+
+
+def apply_rope_tables(x: Tensor, cos: Tensor, sin_signed: Tensor) -> Tensor:
+    """:func:`apply_rope` with tables from :func:`rope_step_tables`, without the ``cat`` of :func:`rotate_half`.
+
+    ``rotate_half(x) * sin == roll(x, D/2) * sin_signed`` (negation is exact), computed in fp32 (a bf16 ``x``
+    times fp32 tables promotes) and cast back: the same values as :func:`apply_rope`.
+
+    Args:
+        x: ``[B, T, H, D]``.
+        cos, sin_signed: ``[B, 1, 1, D]`` (or anything broadcasting to x) fp32.
+
+    Returns:
+        ``[B, T, H, D]`` in x.dtype.
+    """
+    rolled = x.roll(x.shape[-1] // 2, dims=-1)
+    return (x * cos + rolled * sin_signed).to(x.dtype)

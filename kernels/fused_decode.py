@@ -1,0 +1,299 @@
+"""Fused GDN and KDA decode steps: everything between the input projections and the output projection.
+
+One call does, for every batch row and head: the causal conv state update (shift in place, append the new
+column) and conv output + SiLU of q, k, v; L2 norm of q and k (``x / sqrt(sum x^2 + 1e-6)``) and q scaling; the
+gates in fp32 (GDN: ``g = -exp(A_log) * softplus(a + dt_bias)`` per head; KDA: the same per key channel) and
+``beta = sigmoid(.)``; the delta-rule update of the fp32 state IN PLACE; ``o = S^T q``; and the gated output
+norm ``rmsnorm(o) * norm_weight * silu(gate)``. The result ``[B, HV*DV]`` goes straight into the output
+projection.
+
+Backends:
+
+- ``"torch"``: the composition of the existing ops (:func:`.conv.causal_conv1d_update`,
+  :func:`.delta_rule.delta_rule_step_torch`, :func:`.norm.rms_norm`); the reference and the CPU path.
+- ``"fla"``: the same composition with fla's fused-recurrent step for the delta rule (CUDA; the runtime's path
+  before the fused kernels).
+- ``"triton"``: one Triton launch (:mod:`._fused_decode_triton`). On CPU tensors only under Triton's
+  interpreter (``TRITON_INTERPRET=1`` set before triton is imported), which is how the tests run it.
+- ``"auto"``: on CUDA :data:`AUTO_CUDA_BACKEND` — ``"fla"`` (the path checked on the H200,
+  ``results/gpu_model_check.json``) until the Triton kernels have passed ``benchmarks/bench_decode_kernels.py``
+  on the GPU (compiled there, agreeing with the reference, and faster); ``"torch"`` on CPU.
+
+All paths are CUDA-graph capturable: static shapes, no host sync, states updated in place.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .conv import causal_conv1d_update
+from .delta_rule import L2NORM_EPS, delta_rule_step_torch, gated_delta_rule_step, gdn_gate
+from .kda import kda_gate, kda_step
+from .norm import rms_norm
+
+FUSED_BACKENDS = ("auto", "torch", "fla", "triton")
+
+
+@functools.cache
+def triton_available() -> bool:
+    """True when triton imports (it does on CPU machines too; the kernels then need the interpreter)."""
+    try:
+        importlib.import_module("triton")
+    except Exception:
+        return False
+    return True
+
+
+def _triton_module() -> ModuleType:
+    return importlib.import_module(f"{__package__}._fused_decode_triton")
+
+
+#: What ``auto`` picks on CUDA. The Triton kernels are checked only in Triton's CPU interpreter so far.
+AUTO_CUDA_BACKEND = "fla"
+
+
+def resolve_fused_backend(backend: str, device: torch.device) -> str:
+    """Resolve a fused-decode backend to ``"torch"``, ``"fla"`` or ``"triton"``."""
+    if backend not in FUSED_BACKENDS:
+        raise ValueError(f"unknown fused decode backend {backend!r}; expected one of {FUSED_BACKENDS}")
+    if backend == "auto":
+        if device.type != "cuda":
+            return "torch"
+        if AUTO_CUDA_BACKEND == "triton" and triton_available():
+            return "triton"
+        return "fla" if _fla_importable() else "torch"
+    if backend == "triton":
+        if not triton_available():
+            raise ImportError("backend 'triton' needs triton (pip install 'placement-search[gpu]')")
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(
+                "backend 'triton' on CPU tensors needs TRITON_INTERPRET=1 (Triton's interpreter)"
+            )
+    if backend == "fla" and device.type != "cuda":
+        raise ValueError("backend 'fla' needs CUDA tensors")
+    return backend
+
+
+def _fla_importable() -> bool:
+    try:
+        importlib.import_module("fla.ops")
+    except ImportError:
+        return False
+    return True
+
+
+def _triton_fits(state: Tensor, act_dtype: torch.dtype) -> bool:
+    """Whether the Triton kernels take these tensors (fp32 contiguous state; fp32/bf16/fp16 activations)."""
+    return (
+        state.dtype == torch.float32
+        and state.is_contiguous()
+        and act_dtype in (torch.float32, torch.bfloat16, torch.float16)
+    )
+
+
+def _resolve(backend: str, state: Tensor, act_dtype: torch.dtype) -> str:
+    """``auto`` falls back to ``torch`` when the Triton kernels cannot take the tensors (e.g. float64 tests)."""
+    resolved = resolve_fused_backend(backend, state.device)
+    if backend == "auto" and resolved == "triton" and not _triton_fits(state, act_dtype):
+        return "torch"
+    return resolved
+
+
+def _weight2d(w: Tensor) -> Tensor:
+    """Conv weight ``[C, 1, K]`` or ``[C, K]`` -> ``[C, K]`` (a view)."""
+    return w[:, 0] if w.dim() == 3 else w
+
+
+def _check_rows(name: str, t: Tensor, batch: int, width: int) -> None:
+    if t.dim() != 2 or t.shape[0] != batch or t.shape[1] != width or t.stride(1) != 1:
+        raise ValueError(
+            f"{name} must be [{batch}, {width}] with unit channel stride, got {tuple(t.shape)} {t.stride()}"
+        )
+
+
+def _check_state(state: Tensor, shape: tuple[int, ...], triton_path: bool) -> None:
+    if tuple(state.shape) != shape:
+        raise ValueError(f"state must be {shape}, got {tuple(state.shape)}")
+    if triton_path and (state.dtype != torch.float32 or not state.is_contiguous()):
+        raise ValueError("the triton backend updates a contiguous fp32 state in place")
+
+
+def _launch_kw(bk: int, bv: int, num_warps: int | None) -> dict[str, int]:
+    """Warps for a ``[BK, BV]`` fp32 state tile held in registers: about 32 elements (and their addresses) per
+    thread unless ``num_warps`` is given (16 warps for 128 x 128; benchmarks/bench_decode_kernels.py sweeps it)."""
+    if num_warps is None:
+        num_warps = max(1, min(16, (bk * bv) // (32 * 32)))
+    return {"num_warps": num_warps}
+
+
+def gdn_decode_step(
+    qkv: Tensor,
+    z: Tensor,
+    b: Tensor,
+    a: Tensor,
+    conv_state: Tensor,
+    conv_weight: Tensor,
+    A_log: Tensor,
+    dt_bias: Tensor,
+    norm_weight: Tensor,
+    state: Tensor,
+    *,
+    norm_eps: float,
+    scale: float | None = None,
+    backend: str = "auto",
+    num_warps: int | None = None,
+) -> Tensor:
+    """One GDN decode token after ``in_proj_qkvz`` / ``in_proj_ba``; conv and recurrent states updated IN PLACE.
+
+    Key heads ``HK`` follow from the shapes: ``C = 2*HK*DK + HV*DV``. Value head h uses key head
+    ``h // (HV // HK)``.
+
+    Args:
+        qkv: ``[B, C]`` conv input, flat ``[Q (HK*DK) | K (HK*DK) | V (HV*DV)]`` (a row-strided slice is fine).
+        z: ``[B, HV*DV]`` output gate (row-strided slice fine).
+        b: ``[B, HV]`` beta logits (``beta = sigmoid(b)``).
+        a: ``[B, HV]`` decay input (``g = -exp(A_log) * softplus(a + dt_bias)``, fp32).
+        conv_state: ``[B, C, K-1]`` previous conv inputs, oldest first; shifted in place.
+        conv_weight: ``[C, K]`` or ``[C, 1, K]``.
+        A_log, dt_bias: ``[HV]``.
+        norm_weight: ``[DV]``.
+        state: ``[B, HV, DK, DV]`` fp32 recurrent state (contiguous for ``"triton"``); updated in place.
+        norm_eps: epsilon of the gated RMSNorm.
+        scale: query scale, default ``DK ** -0.5``.
+        backend: ``"auto"``, ``"torch"``, ``"fla"``, ``"triton"`` (see the module docstring).
+        num_warps: Triton launch width (default from the tile size); ignored by the other backends.
+
+    Returns:
+        ``[B, HV*DV]`` in z.dtype: ``rmsnorm(o) * norm_weight * silu(z)`` per value head, ready for ``out_proj``.
+    """
+    B, HV, DK, DV = state.shape
+    C = qkv.shape[-1]
+    HK = (C - HV * DV) // (2 * DK)
+    if HK < 1 or 2 * HK * DK + HV * DV != C or HV % HK:
+        raise ValueError(f"qkv width {C} does not fit HV={HV}, DK={DK}, DV={DV} with HV a multiple of HK")
+    scale = DK**-0.5 if scale is None else scale
+    w = _weight2d(conv_weight)
+    resolved = _resolve(backend, state, z.dtype)
+    if resolved == "triton":
+        for name, t, width in (("qkv", qkv, C), ("z", z, HV * DV), ("b", b, HV), ("a", a, HV)):
+            _check_rows(name, t, B, width)
+        _check_state(state, (B, HV, DK, DV), True)
+        if conv_state.shape != (B, C, w.shape[1] - 1):
+            raise ValueError(f"conv_state must be {(B, C, w.shape[1] - 1)}, got {tuple(conv_state.shape)}")
+        tk = _triton_module()
+        out = torch.empty(B, HV * DV, dtype=z.dtype, device=z.device)
+        bk, bv, kw = _next_pow2(DK), _next_pow2(DV), w.shape[1]
+        tk.gdn_decode_kernel[(B, HK)](
+            qkv, qkv.stride(0), z, z.stride(0), b, b.stride(0), a, a.stride(0),
+            conv_state, conv_state.stride(0), conv_state.stride(1), conv_state.stride(2),
+            w, w.stride(0), w.stride(1), A_log, dt_bias, norm_weight, state, out, out.stride(0), scale,
+            HK=HK, HV=HV, DK=DK, DV=DV, BK=bk, BV=bv, KW=kw, KWP=_next_pow2(kw),
+            NORM_EPS=norm_eps, L2_EPS=L2NORM_EPS, **_launch_kw(bk, bv, num_warps),
+        )  # fmt: skip
+        return out
+    y = causal_conv1d_update(qkv, conv_state, w, activation="silu")
+    q, k, v = y.split([HK * DK, HK * DK, HV * DV], dim=-1)
+    q, k, v = q.view(B, HK, DK), k.view(B, HK, DK), v.view(B, HV, DV)
+    g, beta = gdn_gate(a, A_log, dt_bias), b.sigmoid()
+    if resolved == "fla":
+        o = gated_delta_rule_step(q, k, v, g, beta, state, scale=scale, use_qk_l2norm=True, backend="fla")
+    else:
+        o = delta_rule_step_torch(q, k, v, g, beta, state, scale=scale, use_qk_l2norm=True)
+    zz = z.view(B, HV, DV) if z.dim() == 2 else z
+    return (rms_norm(o.to(z.dtype), norm_weight, norm_eps) * F.silu(zz)).flatten(1)
+
+
+def kda_decode_step(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    f: Tensor,
+    beta: Tensor,
+    gate: Tensor,
+    q_conv_state: Tensor,
+    k_conv_state: Tensor,
+    v_conv_state: Tensor,
+    q_conv_weight: Tensor,
+    k_conv_weight: Tensor,
+    v_conv_weight: Tensor,
+    A_log: Tensor,
+    dt_bias: Tensor,
+    norm_weight: Tensor,
+    state: Tensor,
+    *,
+    norm_eps: float,
+    scale: float | None = None,
+    backend: str = "auto",
+    num_warps: int | None = None,
+) -> Tensor:
+    """One KDA decode token after the projections; the three conv states and the recurrent state updated IN PLACE.
+
+    Args:
+        q, k, v: ``[B, H*D]`` conv inputs (``{q,k,v}_proj`` outputs).
+        f: ``[B, H*D]`` decay input ``f_b_proj(f_a_proj(x))``; ``g = -exp(A_log[h]) * softplus(f + dt_bias)``.
+        beta: ``[B, H]`` beta logits (``beta_proj`` output; sigmoid applied here).
+        gate: ``[B, H*D]`` output gate ``g_b_proj(g_a_proj(x))``.
+        q_conv_state, k_conv_state, v_conv_state: ``[B, H*D, K-1]``, shifted in place (same strides for triton).
+        q_conv_weight, k_conv_weight, v_conv_weight: ``[H*D, K]`` or ``[H*D, 1, K]`` (same strides for triton).
+        A_log: ``[H]``; dt_bias: ``[H*D]``; norm_weight: ``[D]``.
+        state: ``[B, H, D, D]`` fp32 (contiguous for ``"triton"``), updated in place.
+        norm_eps: epsilon of the gated RMSNorm.
+        scale: query scale, default ``D ** -0.5``.
+        backend: ``"auto"``, ``"torch"``, ``"fla"``, ``"triton"``.
+        num_warps: Triton launch width (default from the tile size); ignored by the other backends.
+
+    Returns:
+        ``[B, H*D]`` in gate.dtype: ``rmsnorm(o) * norm_weight * silu(gate)`` per head, ready for ``o_proj``.
+    """
+    B, H, D, DV = state.shape
+    if D != DV or q.shape[-1] != H * D:
+        raise ValueError(f"KDA needs a square state [B, H, D, D] with q [B, H*D]; got {tuple(state.shape)}")
+    scale = D**-0.5 if scale is None else scale
+    ws = [_weight2d(w) for w in (q_conv_weight, k_conv_weight, v_conv_weight)]
+    resolved = _resolve(backend, state, gate.dtype)
+    if resolved == "triton":
+        for name, t, width in (("q", q, H * D), ("k", k, H * D), ("v", v, H * D), ("f", f, H * D),
+                               ("beta", beta, H), ("gate", gate, H * D)):  # fmt: skip
+            _check_rows(name, t, B, width)
+        _check_state(state, (B, H, D, D), True)
+        css = (q_conv_state, k_conv_state, v_conv_state)
+        if any(c.stride() != css[0].stride() or c.shape != css[0].shape for c in css) or any(
+            w.stride() != ws[0].stride() or w.shape != ws[0].shape for w in ws
+        ):
+            raise ValueError(
+                "the triton backend needs the three conv states (and weights) alike in shape and strides"
+            )
+        tk = _triton_module()
+        out = torch.empty(B, H * D, dtype=gate.dtype, device=gate.device)
+        bd, kw = _next_pow2(D), ws[0].shape[1]
+        cs0, w0 = css[0], ws[0]
+        tk.kda_decode_kernel[(B, H)](
+            q, q.stride(0), k, k.stride(0), v, v.stride(0), f, f.stride(0), beta, beta.stride(0),
+            gate, gate.stride(0), *css, cs0.stride(0), cs0.stride(1), cs0.stride(2),
+            *ws, w0.stride(0), w0.stride(1), A_log, dt_bias, norm_weight, state, out, out.stride(0), scale,
+            H=H, D=D, BD=bd, KW=kw, KWP=_next_pow2(kw), NORM_EPS=norm_eps, L2_EPS=L2NORM_EPS,
+            **_launch_kw(bd, bd, num_warps),
+        )  # fmt: skip
+        return out
+    heads = (B, H, D)
+    qc = causal_conv1d_update(q, q_conv_state, ws[0], activation="silu").view(heads)
+    kc = causal_conv1d_update(k, k_conv_state, ws[1], activation="silu").view(heads)
+    vc = causal_conv1d_update(v, v_conv_state, ws[2], activation="silu").view(heads)
+    g = kda_gate(f, A_log, dt_bias, H)
+    b = beta.sigmoid()
+    if resolved == "fla":
+        o = kda_step(qc, kc, vc, g, b, state, scale=scale, use_qk_l2norm=True, backend="fla")
+    else:
+        o = delta_rule_step_torch(qc, kc, vc, g, b, state, scale=scale, use_qk_l2norm=True)
+    return (rms_norm(o.to(gate.dtype), norm_weight, norm_eps) * F.silu(gate.view(heads))).flatten(1)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << (max(1, n) - 1).bit_length()
