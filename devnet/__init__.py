@@ -12,7 +12,15 @@ drawn placement per micro-batch. Modules:
 - :mod:`.loop` — the shared training loop; :mod:`.teacher`; :mod:`.transfer` — teacher -> supernet init;
 - :mod:`.distill` — stochastic distillation; :mod:`.evaluate` — per-placement quality;
 - :mod:`.evidence` — the evidence that placements differ; :mod:`.budget` — GPU time estimate;
+- :mod:`.snapshots` — compact intermediate checkpoints (mixer tensors overlaid on the final supernet);
+- :mod:`.preflight` — GPU gradient checks of every mixer path, with fallbacks; :mod:`.dryrun` — the CPU
+  dry run at full model size and the GPU plan; :mod:`.transport` — packing outputs for the device's limits;
 - :mod:`.train` — the resumable pipeline; ``python -m placement_search.devnet train ...``.
 
-Needs the ``runtime`` extra (torch, safetensors, transformers/tokenizers).
+Needs the ``runtime`` extra (torch, safetensors, transformers/tokenizers). Importing this package registers
+the ``devnet`` spec when ``results/devnet/supernet`` exists (torch-free; see :func:`.config.register_devnet_spec`).
 """
+
+from placement_search.devnet.config import register_devnet_spec
+
+register_devnet_spec()

@@ -4,6 +4,11 @@
     python -m placement_search.devnet train --tiny --device cpu --out /tmp/devnet  # CPU smoke test, < 60 s
     python -m placement_search.devnet train --out results/devnet --stages corpus   # corpus + tokenizer only
     python -m placement_search.devnet estimate                                     # CPU measurement -> GPU time
+    python -m placement_search.devnet train --dry-run                               # full size on CPU, 2 steps/stage + plan
+    python -m placement_search.devnet pack --out results/devnet --dest $OUT --call 2  # outputs -> device return files
+    python -m placement_search.devnet unpack FILES_AT --into results/devnet         # check, extract, rebuild supernet/
+
+See devnet/README.md for the GPU commands.
 """
 
 from __future__ import annotations
@@ -49,6 +54,16 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--distill-steps", type=int, help="fixed distillation steps")
     train.add_argument("--distill-minutes", type=float, help="distillation wall-clock budget")
     train.add_argument("--overwrite-settings", action="store_true", help="resume although the settings changed")
+    train.add_argument("--dry-run", action="store_true",
+                       help="full model size, 2 steps per stage, tiny batches/sequences (CPU unless --device), "
+                            "snapshot and pack checks; prints the GPU plan; --out is the shipped run to read")
+    pk = sub.add_parser("pack", help="pack a run's outputs for the device's return limits (8 files, 16/64 MiB)")
+    pk.add_argument("--out", default="results/devnet", help="run directory")
+    pk.add_argument("--dest", required=True, help="where the parts go ($OUT on the device)")
+    pk.add_argument("--call", type=int, choices=(1, 2), required=True, help="which GPU call's outputs")
+    up = sub.add_parser("unpack", help="check and extract packed parts; rebuild supernet/ from the teacher")
+    up.add_argument("src", help="folder with the parts and their .json manifests (the device's files_at)")
+    up.add_argument("--into", default="results/devnet", help="run directory to extract into")
     estimate.add_argument("--batch", type=int, default=1, help="rows per measured CPU step")
     estimate.add_argument("--out", help="write the estimate as JSON here")
     args = parser.parse_args(argv)
@@ -63,9 +78,25 @@ def main(argv: list[str] | None = None) -> int:
             write_text_atomic(args.out, text + "\n")
         print(text)
         return 0
+    if args.command == "pack":
+        return _pack(args)
+    if args.command == "unpack":
+        from placement_search.devnet.transport import unpack
+
+        manifests = unpack(args.src, args.into)
+        print(json.dumps([{k: m[k] for k in ("name", "total_bytes", "optional_taken", "optional_left_out")}
+                          for m in manifests], indent=2))  # fmt: skip
+        return 0
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.dry_run:
+        from placement_search.devnet.dryrun import dry_run
+
+        report = dry_run(args.out, "cpu" if args.device == "auto" else device)
+        print(json.dumps(report, indent=2, default=str))
+        ok = report["snapshot_overlay_equals_materialized"] and report["unpacked_supernet_equals_final"]
+        return 0 if ok else 1
     try:
         summary = run_pipeline(args.out, _settings(args), device, stages=[s for s in args.stages.split(",") if s],
                                overwrite_settings=args.overwrite_settings)  # fmt: skip
@@ -74,6 +105,31 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(json.dumps({k: summary.get(k) for k in ("timings_s", "teacher", "supernet", "evidence_checks")},
                      indent=2, default=str))  # fmt: skip
+    return 0
+
+
+def _pack(args: argparse.Namespace) -> int:
+    """Pack call 1 (teacher) or call 2 (final supernet as a delta over the teacher + snapshots) into --dest."""
+    from pathlib import Path
+
+    from placement_search.devnet.dryrun import CALL1_ENTRIES, CALL2_ENTRIES, snapshot_priority
+    from placement_search.devnet.snapshots import is_snapshot, snapshot_from_checkpoint
+    from placement_search.devnet.transport import FINAL_DELTA, pack
+    from placement_search.files import load_json
+
+    out = Path(args.out)
+    if args.call == 1:
+        required = [e for e in CALL1_ENTRIES if (out / e).exists()]
+        manifest = pack(out, args.dest, "devnet-call1", required)
+    else:
+        info = load_json(out / "supernet" / "devnet.json") if (out / "supernet" / "devnet.json").exists() else {}
+        snapshot_from_checkpoint(out / "supernet", out / FINAL_DELTA, info)
+        steps = sorted(int(p.name.removeprefix("supernet-step")) for p in out.glob("supernet-step*") if is_snapshot(p))
+        optional = [f"supernet-step{s:06d}" for s in snapshot_priority(steps)]
+        required = [e for e in CALL2_ENTRIES if (out / e).exists()]
+        manifest = pack(out, args.dest, "devnet-call2", required, optional)
+    print(json.dumps({k: manifest[k] for k in ("name", "total_bytes", "optional_taken", "optional_left_out")},
+                     indent=2))  # fmt: skip
     return 0
 
 

@@ -220,12 +220,16 @@ def _tuple(value: list[str] | None) -> tuple[str, ...] | None:
 
 
 def full_settings() -> Settings:
-    """The H200 preset: 48 x 4 supernet, hidden 128, vocab 4096, 512-token context, window 64."""
+    """The H200 preset: 48 x 4 supernet, hidden 128, vocab 4096, 512-token context, window 64.
+
+    Budgets: teacher 4 minutes (GPU call 1, with the preflight), distillation 5 minutes (call 2, with the
+    evidence and the stability study); see :func:`.dryrun.gpu_plan` and ``devnet/README.md``.
+    """
     return Settings(
         preset="full",
-        teacher=TrainSettings(lr=2e-3, warmup_steps=100, batch_size=64, minutes=4.5, seed=0),
+        teacher=TrainSettings(lr=2e-3, warmup_steps=100, batch_size=64, minutes=4.0, seed=0),
         distill=TrainSettings(
-            lr=1e-3, warmup_steps=50, batch_size=64, micro_batches=2, minutes=6.0, hidden_mse_weight=0.1,
+            lr=1e-3, warmup_steps=50, batch_size=64, micro_batches=2, minutes=5.0, hidden_mse_weight=0.1,
             kept_checkpoints=4, seed=1,
         ),
     )  # fmt: skip
@@ -258,9 +262,17 @@ def tiny_settings() -> Settings:
 PRESETS = {"full": full_settings, "tiny": tiny_settings}
 
 
-def register_devnet_spec(checkpoint: str | Path, name: str = "devnet") -> bool:
-    """Register the trained dev supernet's spec under ``name`` when ``checkpoint/config.json`` exists."""
-    path = Path(checkpoint)
+#: Where the pipeline ships the final dev supernet in a source checkout (``results/devnet/supernet``).
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "results" / "devnet" / "supernet"
+
+
+def register_devnet_spec(checkpoint: str | Path | None = None, name: str = "devnet") -> bool:
+    """Register the trained dev supernet's spec under ``name`` when ``checkpoint/config.json`` exists.
+
+    ``checkpoint``: default :data:`DEFAULT_CHECKPOINT`. Torch-free (this module imports no torch), so the
+    registry can call it at import time; ``import placement_search.devnet`` does.
+    """
+    path = Path(checkpoint) if checkpoint is not None else DEFAULT_CHECKPOINT
     if not (path / "config.json").is_file():
         return False
     register_spec(name, lambda: ModelSpec.from_file(path, name=name))

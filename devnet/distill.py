@@ -7,9 +7,10 @@ mixers that layer offers; the teacher (frozen, all-attention) and the student ru
 ``hidden_mse_weight`` times the hidden-state MSE of every block's output normalised by the teacher's mean
 square. Only mixer parameters train: the MLPs, norms, embeddings and LM head stay the teacher's.
 
-Exports: ``kept_checkpoints`` intermediate supernets at evenly spaced fractions of training
-(``supernet-step{N:06d}/``) and the final one (``supernet/``), each in the Apriel2 supernet format with the
-tokenizer, for ranking-stability studies.
+Exports: ``kept_checkpoints`` intermediate snapshots at evenly spaced fractions of training
+(``supernet-step{N:06d}/``: the mixer tensors only, overlaid on the final supernet by
+:mod:`.snapshots`, which rebuilds a normal Apriel2 directory or a loaded model) for ranking-stability studies,
+and the final supernet (``supernet/``, Apriel2 supernet format with the tokenizer).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from placement_search.devnet.corpus import Corpus
 from placement_search.devnet.data import step_rng, train_batch
 from placement_search.devnet.evaluate import EvalSet, evaluate
 from placement_search.devnet.loop import StageResult, autocast, run_stage
+from placement_search.devnet.snapshots import save_snapshot
 from placement_search.devnet.tokenizer import copy_tokenizer
 from placement_search.devnet.transfer import init_from_teacher, is_shared
 from placement_search.evaluators import Supernet, save_checkpoint
@@ -80,6 +82,11 @@ def export_supernet(model: Supernet, path: Path, tokenizer_dir: Path, dtype: tor
     copy_tokenizer(tokenizer_dir, path)
     write_json_atomic(path / "devnet.json", info)
     return path
+
+
+def snapshot_name(step: int) -> str:
+    """Directory name of the intermediate snapshot taken after ``step`` optimiser steps."""
+    return f"supernet-step{step:06d}"
 
 
 def export_steps(total: int, kept: int) -> list[int]:
@@ -155,7 +162,7 @@ def train_supernet(
     def export_fn(model: Supernet, step: int, total: int) -> None:
         if step in export_steps(total, ds.kept_checkpoints):
             info = {"stage": "distill", "step": step, "total_steps": total}
-            export_supernet(model, out / f"supernet-step{step:06d}", out / "tokenizer", save_dtype, info)
+            save_snapshot(model, out / snapshot_name(step), info, dtype=save_dtype)
 
     result = run_stage(
         "supernet", out / "supernet-state", out / "distill-log.jsonl", ds, device,

@@ -289,3 +289,139 @@ def evidence_markdown(result: dict[str, Any]) -> str:
                                 if k != "passes")  # fmt: skip
             lines.append(f"  - {details}")
     return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# Ranking stability along distillation
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """Average ranks (ties share the mean of their positions), 0-based."""
+    order = np.argsort(x, kind="mergesort")
+    ranks = np.empty(len(x), dtype=np.float64)
+    ranks[order] = np.arange(len(x), dtype=np.float64)
+    for value in np.unique(x):
+        tied = x == value
+        if tied.sum() > 1:
+            ranks[tied] = ranks[tied].mean()
+    return ranks
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
+    """Spearman's rho (Pearson correlation of average ranks); ``None`` when undefined."""
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if len(x) < 2:
+        return None
+    rx, ry = _ranks(x), _ranks(y)
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    denom = math.sqrt(float((rx**2).sum() * (ry**2).sum()))
+    return float((rx * ry).sum() / denom) if denom > 0 else None
+
+
+def kendall_tau_b(a: Sequence[float], b: Sequence[float]) -> float | None:
+    """Kendall's tau-b (ties corrected); ``None`` when undefined."""
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    n = len(x)
+    if n < 2:
+        return None
+    i, j = np.triu_indices(n, k=1)
+    dx, dy = np.sign(x[i] - x[j]), np.sign(y[i] - y[j])
+    concordant_minus_discordant = float((dx * dy).sum())
+    n_x, n_y = float((dx != 0).sum()), float((dy != 0).sum())
+    return concordant_minus_discordant / math.sqrt(n_x * n_y) if n_x > 0 and n_y > 0 else None
+
+
+@torch.no_grad()
+def run_stability(
+    settings: Settings,
+    supernet: Supernet,
+    snapshots: Sequence[Path],
+    corpus: Corpus,
+    out: Path,
+    device: torch.device,
+    evidence: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Rank the evidence placements by held-out loss at every snapshot and at the final supernet.
+
+    Every placement of :func:`evidence_placements` is evaluated on sample set A of the evidence (the same
+    held-out stdlib blocks) with the weights of each snapshot overlaid on ``supernet`` (the final one, restored
+    afterwards); Spearman's rho and Kendall's tau-b of each snapshot's losses against the final's say how stable
+    the ranking is along training. The evaluation-noise reference is the final's rank correlation between
+    sample sets A and B (from ``evidence``, when given). Writes ``out/stability.json`` and ``.md``.
+    """
+    from placement_search.devnet.snapshots import overlay_snapshot, read_snapshot_meta
+
+    spec = supernet.spec
+    es = settings.evidence
+    per_set = max(1, min(es.eval_blocks, len(corpus.heldout_blocks()) // 2))
+    data = EvalSet.from_corpus(corpus, range(per_set), range(0), device, es.batch_size)
+    placements = {(name if group in ("uniform", "random") else f"{group}:{name}"): p
+                  for group, members in evidence_placements(spec, settings).items()
+                  for name, p in members.items()}  # fmt: skip
+    names = list(placements)
+
+    def losses() -> list[float]:
+        out_ = []
+        for name in names:
+            supernet.set_placement(placements[name])
+            out_.append(float(block_metrics(supernet, data)["loss"].mean()))
+        return out_
+
+    final_state = {n: p.detach().to("cpu", copy=True) for n, p in supernet.named_parameters()}
+    final = losses()
+    rows: list[dict[str, Any]] = []
+    try:
+        for path in snapshots:
+            meta = read_snapshot_meta(path)
+            overlay_snapshot(supernet, path)
+            snap = losses()
+            rows.append({
+                "snapshot": path.name,
+                "step": meta.get("step"),
+                "total_steps": meta.get("total_steps"),
+                "spearman_vs_final": spearman(snap, final),
+                "kendall_vs_final": kendall_tau_b(snap, final),
+                "mean_loss": float(np.mean(snap)),
+                "losses": dict(zip(names, snap, strict=True)),
+            })  # fmt: skip
+    finally:
+        params = dict(supernet.named_parameters())
+        for n, t in final_state.items():
+            params[n].copy_(t)
+    noise: dict[str, Any] = {}
+    if evidence is not None:
+        shared = [n for n in names if n in evidence["placements"]]
+        a = [evidence["placements"][n]["loss_A"] for n in shared]
+        b = [evidence["placements"][n]["loss_B"] for n in shared]
+        noise = {"spearman_A_vs_B": spearman(a, b), "kendall_A_vs_B": kendall_tau_b(a, b), "placements": len(shared)}
+    result = {
+        "settings": {"blocks": per_set, "placements": len(names), "sample_set": "A"},
+        "final": {"mean_loss": float(np.mean(final)), "losses": dict(zip(names, final, strict=True))},
+        "snapshots": rows,
+        "final_noise_reference": noise,
+    }
+    write_json_atomic(out / "stability.json", result)
+    write_text_atomic(out / "stability.md", stability_markdown(result))
+    return result
+
+
+def stability_markdown(result: dict[str, Any]) -> str:
+    s = result["settings"]
+    lines = [
+        "# Dev supernet: ranking stability along distillation",
+        "",
+        f"{s['placements']} placements (the evidence's), held-out loss on sample set A ({s['blocks']} blocks), "
+        "each snapshot against the final supernet.",
+        "",
+        "| snapshot | step | mean loss | Spearman vs final | Kendall vs final |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for r in result["snapshots"]:
+        lines.append(f"| {r['snapshot']} | {r['step']}/{r['total_steps']} | {_fmt(r['mean_loss'], '.4f')} "
+                     f"| {_fmt(r['spearman_vs_final'])} | {_fmt(r['kendall_vs_final'])} |")  # fmt: skip
+    lines.append(f"| final | - | {_fmt(result['final']['mean_loss'], '.4f')} | 1 | 1 |")
+    noise = result.get("final_noise_reference") or {}
+    if noise:
+        lines += ["", f"Evaluation-noise reference (final, sample set A vs B): Spearman "
+                      f"{_fmt(noise.get('spearman_A_vs_B'))}, Kendall {_fmt(noise.get('kendall_A_vs_B'))}."]  # fmt: skip
+    return "\n".join(lines) + "\n"

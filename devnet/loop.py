@@ -2,7 +2,10 @@
 
 :func:`run_stage` resumes from the stage's state directory when one exists, calibrates the number of steps from
 a wall-clock budget when the settings give none (timing steps 3..12, still in the linear warm-up, so the
-schedule so far does not depend on the total), then per step: the stage's ``step_fn`` (forward + backward of
+schedule so far does not depend on the total; the budget buys ``0.9 * minutes`` minus the time already spent,
+and a stage still running at ``minutes`` stops there, its schedule cut short and recorded in the state's
+``extra.deadline_stop``), evaluates once before the first step (the curves' starting point, and the evaluation
+shapes' compilation done before the calibration), then per step: the stage's ``step_fn`` (forward + backward of
 every micro-batch), gradient clipping, AdamW at the warm-up + cosine learning rate, a JSONL record, and
 periodically an evaluation, a resumable state and the stage's exports.
 """
@@ -112,8 +115,23 @@ def run_stage(
     bar = tqdm(total=progress.total_steps, initial=progress.step, desc=name, unit="step", mininterval=2.0)
     last_loss: float | None = None
     step = progress.step
+    if eval_fn is not None and step == 0:
+        # the starting point of the curves; also compiles / autotunes the evaluation shapes before the
+        # wall-clock calibration, so they do not eat into the training budget unseen
+        model.eval()
+        jlog.write({"kind": "eval", "step": 0, **eval_fn(model, 0)})
+        model.train()
+    # hard wall-clock bound of a calibrated stage: the schedule is cut short (and recorded) if it overruns
+    deadline_s = settings.minutes * 60 if settings.steps is None else None
     while progress.total_steps is None or step < progress.total_steps:
         if stop_after is not None and step >= stop_after:
+            break
+        if (deadline_s is not None and progress.total_steps is not None and step > 0
+                and time.perf_counter() - start > deadline_s):  # fmt: skip
+            progress.extra["deadline_stop"] = {"step": step, "planned_steps": progress.total_steps}
+            progress.total_steps = step
+            progress.elapsed_s = time.perf_counter() - start
+            save_state(state_dir, model, optimizer, progress)
             break
         if progress.total_steps is None and step == _CALIBRATION[0]:
             _sync(device)

@@ -8,7 +8,8 @@ Everything lands in one output directory (``results/devnet`` by default):
 ``tokenizer/``                 ``tokenizer.json`` + ``tokenizer_config.json``
 ``teacher/``                   the all-attention teacher (Apriel2, bf16, with tokenizer)
 ``supernet/``                  the final supernet (Apriel2 supernet format, bf16, with tokenizer)
-``supernet-step{N:06d}/``      intermediate supernets for ranking-stability studies
+``supernet-step{N:06d}/``      intermediate snapshots: mixer tensors only, overlaid on ``supernet/`` by
+                               :mod:`.snapshots` (``stability.json``/``.md``: ranking stability over them)
 ``*-state/``                   resumable training states (fp32 weights, optimiser, RNG; not for shipping)
 ``teacher-log.jsonl``          per-step losses and periodic evaluations; ``distill-log.jsonl`` likewise
 ``supernet-init.json``         which teacher slices initialised which GDN/KDA tensors
@@ -31,10 +32,11 @@ from typing import Any
 
 import torch
 
-from placement_search.devnet.config import Settings, model_spec
+from placement_search.devnet.config import Settings, model_spec, register_devnet_spec
 from placement_search.devnet.corpus import CORPUS_FILE, MANIFEST_FILE, Corpus, build_corpus, select_files
 from placement_search.devnet.distill import train_supernet
-from placement_search.devnet.evidence import run_evidence
+from placement_search.devnet.evidence import run_evidence, run_stability
+from placement_search.devnet.snapshots import is_snapshot
 from placement_search.devnet.state import JsonlLog
 from placement_search.devnet.teacher import train_teacher
 from placement_search.devnet.tokenizer import load_tokenizer_json, save_tokenizer, train_tokenizer
@@ -42,7 +44,7 @@ from placement_search.errors import PlacementSearchError
 from placement_search.evaluators import load_supernet
 from placement_search.files import load_json, write_json_atomic
 
-STAGES = ("corpus", "teacher", "supernet", "evidence")
+STAGES = ("corpus", "teacher", "supernet", "evidence", "stability")
 
 
 class PipelineError(PlacementSearchError):
@@ -86,6 +88,26 @@ def _curve(records: list[dict[str, Any]], key: str, points: int = 200) -> list[l
 
 def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
+
+
+def prepare_gpu(out: Path, spec: Any, device: torch.device) -> dict[str, str]:
+    """Kernel paths for this run: from ``out/preflight.json`` when an earlier call checked them, else checked
+    now (:mod:`.preflight`) and recorded there. Also lifts torch.compile's recompilation limit (FlexAttention is
+    compiled once per batch shape and grad mode)."""
+    from placement_search.devnet.preflight import apply_backends, run_preflight
+
+    dynamo = getattr(torch, "_dynamo", None)
+    for key in ("cache_size_limit", "recompile_limit"):
+        if dynamo is not None and hasattr(dynamo.config, key):
+            setattr(dynamo.config, key, max(64, getattr(dynamo.config, key)))
+    path = out / "preflight.json"
+    if path.exists():
+        return apply_backends(load_json(path)["backends"])
+    report = run_preflight(spec, device)
+    write_json_atomic(path, report)
+    print(f"preflight: kernel paths {report['backends']} (fallbacks: {report['fallbacks_used'] or 'none'})",
+          flush=True)  # fmt: skip
+    return report["backends"]
 
 
 def run_pipeline(
@@ -144,6 +166,9 @@ def run_pipeline(
         raise PipelineError(f"tokenizer has {vocab} entries, more than the model's vocab_size {settings.size.vocab_size}")
     corpus = Corpus.load(out / CORPUS_FILE)
     summary["corpus"] = manifest["counts"]
+    if device.type == "cuda" and set(stages) - {"corpus"}:
+        summary["backends"] = prepare_gpu(out, spec, device)
+        write_json_atomic(summary_path, summary)
 
     # -- teacher ----------------------------------------------------------------------------------
     if "teacher" in stages and not (out / "teacher" / "config.json").exists():
@@ -170,6 +195,7 @@ def run_pipeline(
         if not result.finished:
             return summary
     # -- evidence -------------------------------------------------------------------------------
+    supernet = None
     if "evidence" in stages and not (out / "evidence.json").exists():
         if not (out / "supernet" / "config.json").exists():
             raise PipelineError(f"{out}: no supernet yet (run the 'supernet' stage first)")
@@ -180,11 +206,33 @@ def run_pipeline(
         evidence = run_evidence(settings, supernet, teacher, corpus, out, device)
         timed("evidence", t0)
         summary["evidence_checks"] = {k: v.get("passes") for k, v in evidence["checks"].items()}
+    # -- ranking stability over the intermediate snapshots ---------------------------------------
+    snapshots = sorted(p for p in out.glob("supernet-step*") if is_snapshot(p))
+    if "stability" in stages and snapshots and not (out / "stability.json").exists():
+        if not (out / "supernet" / "config.json").exists():
+            raise PipelineError(f"{out}: no supernet yet (run the 'supernet' stage first)")
+        t0 = time.perf_counter()
+        if supernet is None:
+            supernet = load_supernet(out / "supernet", device=device, dtype=torch.float32)
+        evidence = load_json(out / "evidence.json") if (out / "evidence.json").exists() else None
+        stability = run_stability(settings, supernet, snapshots, corpus, out, device, evidence)
+        timed("stability", t0)
+        summary["stability"] = {r["snapshot"]: {"spearman": r["spearman_vs_final"], "kendall": r["kendall_vs_final"]}
+                                for r in stability["snapshots"]}  # fmt: skip
+    if (out / "supernet" / "config.json").exists():
+        summary["registered_spec"] = "devnet" if register_devnet_spec(out / "supernet") else None
     summary["curves"] = {
         "teacher_loss": _curve(JsonlLog(out / "teacher-log.jsonl", resume_step=10**12).read(), "loss"),
         "distill_kl": _curve(JsonlLog(out / "distill-log.jsonl", resume_step=10**12).read(), "kl"),
     }
     summary["checkpoint_bytes"] = {p.name: _dir_bytes(p) for p in sorted(out.iterdir())
                                    if p.is_dir() and (p / "config.json").exists()}  # fmt: skip
+    for stage in ("teacher", "supernet"):
+        state = out / f"{'teacher' if stage == 'teacher' else 'supernet'}-state" / "state.json"
+        if state.exists():
+            extra = load_json(state).get("extra", {})
+            summary.setdefault("schedule", {})[stage] = {
+                "calibrated_step_s": extra.get("calibrated_step_s"), "deadline_stop": extra.get("deadline_stop"),
+            }  # fmt: skip
     write_json_atomic(summary_path, summary)
     return summary

@@ -512,3 +512,8 @@ def _packaged(filename: str, name: str) -> Callable[[], ModelSpec]:
 
 register_spec("super-apriel-15b", _packaged("super_apriel_15b.json", "super-apriel-15b"))
 DEFAULT_SPEC = "super-apriel-15b"
+
+#: The dev supernet trained by ``python -m placement_search.devnet train`` (a source checkout's results/).
+DEVNET_CHECKPOINT = Path(__file__).resolve().parent.parent / "results" / "devnet" / "supernet"
+if (DEVNET_CHECKPOINT / "config.json").is_file():
+    register_spec("devnet", lambda: ModelSpec.from_file(DEVNET_CHECKPOINT, name="devnet"))

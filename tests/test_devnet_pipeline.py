@@ -14,8 +14,16 @@ from safetensors import safe_open
 from placement_search.devnet.config import EvidenceSettings, tiny_settings
 from placement_search.devnet.corpus import Corpus
 from placement_search.devnet.evaluate import EvalSet, block_metrics
+from placement_search.devnet.evidence import kendall_tau_b, spearman
+from placement_search.devnet.snapshots import (
+    SnapshotError,
+    load_snapshot,
+    materialize_snapshot,
+    overlay_snapshot,
+)
 from placement_search.devnet.train import PipelineError, run_pipeline
 from placement_search.devnet.transfer import is_shared
+from placement_search.devnet.transport import TransportError, compressed_size, pack, unpack
 from placement_search.evaluators import load_supernet, load_tokenizer
 
 
@@ -100,9 +108,80 @@ def test_distillation_froze_shared_tensors(run):
             return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
 
     teacher, supernet = tensors(out / "teacher"), tensors(out / "supernet")
-    first = tensors(out / "supernet-step000001")
+    first = tensors(materialize_snapshot(out / "supernet-step000001", out / "supernet", out / "check-step1"))
+    assert all(torch.equal(first[k], supernet[k]) for k in supernet if is_shared(k))
     shared = [k for k in supernet if is_shared(k)]
     assert shared and all(torch.equal(supernet[k], teacher[k]) for k in shared)
     mixer_keys = [k for k in supernet if not is_shared(k)]
     assert any(not torch.equal(supernet[k], first[k]) for k in mixer_keys)  # mixers trained
     assert supernet[mixer_keys[0]].dtype == torch.bfloat16
+
+
+def test_snapshots_overlay_and_stability(run, tmp_path):
+    out, _, _, _ = run
+    snaps = sorted(out.glob("supernet-step*"))
+    assert all((p / "snapshot.json").is_file() and not (p / "model.safetensors").exists() for p in snaps)
+    meta = json.loads((snaps[0] / "snapshot.json").read_text())
+    assert meta["step"] == 1 and meta["dtype"] == "bfloat16"
+    assert all(".mixer.mixers." in n for names in meta["files"].values() for n in names)
+    # overlay in memory == materialised directory loaded; the teacher works as a base too
+    a = load_snapshot(snaps[1], load_supernet(out / "supernet", dtype=torch.float32))
+    b = load_snapshot(snaps[1], out / "supernet", dtype=torch.float32)
+    c = load_snapshot(snaps[1], out / "teacher", dtype=torch.float32)
+    for (n, x), y, z in zip(a.state_dict().items(), b.state_dict().values(), c.state_dict().values(), strict=True):
+        assert torch.equal(x, y) and torch.equal(x, z), n
+    # a base with other frozen tensors is refused
+    other = load_supernet(out / "supernet", dtype=torch.float32)
+    with torch.no_grad():
+        other.model.embed_tokens.weight.add_(1.0)
+    with pytest.raises(SnapshotError, match="frozen tensors"):
+        overlay_snapshot(other, snaps[0])
+    # the stability study: one row per snapshot; the final's losses equal the evidence's set-A losses
+    stability = json.loads((out / "stability.json").read_text())
+    evidence = json.loads((out / "evidence.json").read_text())
+    assert [r["snapshot"] for r in stability["snapshots"]] == [p.name for p in snaps]
+    for name, loss in stability["final"]["losses"].items():
+        assert loss == pytest.approx(evidence["placements"][name]["loss_A"], rel=1e-6)
+    assert (out / "stability.md").read_text().startswith("# Dev supernet: ranking stability")
+
+
+def test_rank_correlations():
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert kendall_tau_b([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 2, 3], [5, 5, 5]) is None
+    # tie-corrected values (scipy: spearmanr 0.9486832980505138, kendalltau 0.9128709291752769)
+    assert spearman([1, 2, 3, 4], [1, 2, 2, 3]) == pytest.approx(0.9486832980505138)
+    assert kendall_tau_b([1, 2, 3, 4], [1, 2, 2, 3]) == pytest.approx(0.9128709291752769)
+
+
+def test_pack_unpack_rebuilds_final(run, tmp_path):
+    out, _, _, _ = run
+    from placement_search.devnet.snapshots import snapshot_from_checkpoint
+
+    snapshot_from_checkpoint(out / "supernet", out / "supernet-delta", {"final": True})
+    try:
+        m1 = pack(out, tmp_path / "o1", "devnet-call1", ["teacher", "teacher-log.jsonl"])
+        m2 = pack(out, tmp_path / "o2", "devnet-call2", ["supernet-delta", "evidence.json"],
+                  ["supernet-step000001", "supernet-step000004"], part_bytes=200_000, max_total=10**9)
+        assert len(m2["parts"]) > 1 and all(p["bytes"] <= 200_000 for p in m2["parts"])
+        assert m2["optional_taken"] == ["supernet-step000001", "supernet-step000004"]
+        back = tmp_path / "back"
+        unpack(tmp_path / "o1", back)
+        unpack(tmp_path / "o2", back)
+        assert not (back / "supernet-delta").exists()
+        x, y = load_supernet(back / "supernet", dtype=torch.float32), load_supernet(out / "supernet", dtype=torch.float32)
+        assert all(torch.equal(a, b) for a, b in zip(x.state_dict().values(), y.state_dict().values(), strict=True))
+        assert m1["files"][0].startswith("teacher/")
+        # the budget leaves optional entries out, never required ones
+        need = compressed_size(out, [out / "evidence.json"])
+        small = pack(out, tmp_path / "o3", "devnet-call2", ["evidence.json"], ["supernet-step000001"], max_total=need + 16)
+        assert small["optional_taken"] == [] and small["optional_left_out"][0]["entry"] == "supernet-step000001"
+        with pytest.raises(TransportError, match="required"):
+            pack(out, tmp_path / "o4", "x", ["supernet-delta"], max_total=1000)
+        (tmp_path / "o2" / m2["parts"][0]["file"]).write_bytes(b"corrupt")
+        with pytest.raises(TransportError, match="SHA-256"):
+            unpack(tmp_path / "o2", tmp_path / "back2")
+    finally:
+        import shutil
+
+        shutil.rmtree(out / "supernet-delta", ignore_errors=True)
