@@ -70,8 +70,10 @@ class SurrogateBase(RegressorMixin, BaseEstimator):
         space = state.get("space")
         self.space_ = None if space is None else SearchSpace.from_dict(space)
 
-    def get_state(self) -> tuple[dict[str, Any], dict[str, bytes]]:
-        """The fitted state as a JSON-ready dict and named binary files (no pickle)."""
+    def get_state(self, covariance: str = "design") -> tuple[dict[str, Any], dict[str, bytes]]:
+        """The fitted state as a JSON-ready dict and named binary files (no pickle).
+
+        ``covariance`` is the on-disk form of a posterior covariance, for the models that have one."""
         raise NotImplementedError
 
     def set_state(self, state: dict[str, Any], files: dict[str, bytes]) -> None:

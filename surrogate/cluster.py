@@ -29,7 +29,12 @@ import numpy as np
 
 from placement_search.surrogate.base import SurrogateBase
 from placement_search.surrogate.features import FeatureError, OneHot, count_features, pair_features
-from placement_search.surrogate.linear import fit_from_state, fit_gaussian_linear, fit_state
+from placement_search.surrogate.linear import (
+    fit_from_state,
+    fit_gaussian_linear,
+    fit_state,
+    indices_to_onehot,
+)
 
 
 def canonicalize(
@@ -131,6 +136,7 @@ class ClusterExpansion(SurrogateBase):
             [np.full(b.shape[1], pair_alpha if name.startswith("pair") else float(self.alpha)) for name, b in blocks]
         )
         self.fit_ = fit_gaussian_linear(np.hstack([b for _, b in blocks]), target, self.prior, penalty)
+        self.training_indices_ = oh.indices().astype(np.int8)
         self._finish()
         return self
 
@@ -165,11 +171,19 @@ class ClusterExpansion(SurrogateBase):
 
     # -- persistence --------------------------------------------------------------------------
 
-    def get_state(self) -> tuple[dict[str, Any], dict[str, bytes]]:
-        state, files = fit_state(self.fit_)
+    def get_state(self, covariance: str = "design") -> tuple[dict[str, Any], dict[str, bytes]]:
+        """State and files; ``covariance`` is the on-disk form of the posterior (see :mod:`.linear`)."""
+        state, files = fit_state(self.fit_, covariance, getattr(self, "training_indices_", None))
         return {**self._base_state(), "fit": state}, files
 
     def set_state(self, state: dict[str, Any], files: dict[str, bytes]) -> None:
         self._set_base_state(state)
-        self.fit_ = fit_from_state(state["fit"], files, self._width())
+        self.fit_, self.training_indices_ = fit_from_state(
+            state["fit"],
+            files,
+            self._width(),
+            lambda idx: self._design(indices_to_onehot(idx, self.num_mixers_)),
+            self.num_layers_,
+            self.num_mixers_,
+        )
         self._finish()

@@ -43,6 +43,7 @@ _FACTORIES: dict[str, Callable[[int], Any]] = {
         "EnsembleSurrogate",
         estimator=_new("ClusterExpansion", prior="ridge", pair_alpha=4.0),
         n_members=5,
+        resample="kfold",
         random_state=seed,
     ),
 }

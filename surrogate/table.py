@@ -15,12 +15,16 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from placement_search.errors import InputFileError, PlacementSearchError
 from placement_search.placement import Placement, SearchSpace
+
+if TYPE_CHECKING:
+    from placement_search.spec import ModelSpec
 
 
 class TableError(PlacementSearchError):
@@ -129,3 +133,62 @@ def load_evaluation_table(
         groups = frame[sampler_column].astype(str).str.strip().to_numpy(dtype=object)
     return EvaluationTable(placements, y, groups, speed, frame, source, target, sha)
 
+
+
+# -- speed from a cost table ----------------------------------------------------------------------
+
+
+@dataclass
+class CostSpeed:
+    """Predicted decode throughput (tokens/s) of each placement, and how it was obtained."""
+
+    speed: np.ndarray
+    table: str
+    context: int
+    batch_policy: str
+    memory_gib: float | None
+
+    def describe(self) -> str:
+        budget = "" if self.memory_gib is None else f", {self.memory_gib:g} GiB"
+        return (
+            f"predicted decode tokens/s from cost table {Path(self.table).name} "
+            f"(context {self.context}, {self.batch_policy}{budget})"
+        )
+
+
+def cost_table_speed(
+    placements: list[Placement],
+    table_path: str | os.PathLike[str],
+    *,
+    spec: ModelSpec,
+    context: int = 32768,
+    batch_policy: str = "max_fit",
+    memory_gib: float | None = None,
+) -> CostSpeed:
+    """Each placement's decode throughput predicted by a cost table (:mod:`placement_search.evaluators.cost_model`).
+
+    ``spec`` is the :class:`~placement_search.spec.ModelSpec` the placements belong to (checked
+    against the table). Placements with the same code are predicted once. Any placement the table
+    cannot answer for (context outside its grid, a batch that does not fit) is a one-line error.
+    """
+    from placement_search.evaluators.cost_model import CostTable
+    from placement_search.presets import BatchPolicy
+
+    try:
+        policy = BatchPolicy.parse(batch_policy)
+        table = CostTable.load(table_path)
+        table.check_spec(spec)
+    except PlacementSearchError as e:
+        raise TableError(f"--cost-table {table_path}: {e}") from None
+    cache: dict[str, float] = {}
+    speed = np.empty(len(placements))
+    for i, p in enumerate(placements):
+        code = p.code()
+        if code not in cache:
+            try:
+                pred = table.predict(p, int(context), policy, memory_gib, spec=spec, speedup=False)
+            except PlacementSearchError as e:
+                raise TableError(f"cost table {table_path}: placement {i + 1} ({code}): {e}") from None
+            cache[code] = pred.tokens_per_s
+        speed[i] = cache[code]
+    return CostSpeed(speed, str(table_path), int(context), str(policy), memory_gib)

@@ -292,23 +292,41 @@ def calibration(
     *,
     levels: Sequence[float] = DEFAULT_LEVELS,
     model_name: str | None = None,
+    inflate_ood: bool = False,
+    seed: int = 0,
 ) -> pd.DataFrame:
     """Empirical coverage and mean width of central intervals at each nominal ``level``, per split.
 
-    Columns: ``model, split, fold, level, coverage, width, n_test``.
+    With ``inflate_ood``, for each ``ood:<tag>`` split of a model with ``calibrate_inflation``
+    (ensembles) the test rows are also cut in two random halves: the inflation factor is fitted on
+    one half and the coverage measured on the other, both ways round (split ``ood:<tag>+inflated``,
+    folds 0 and 1; the factor is in the ``inflation`` column, 1 elsewhere).
+
+    Columns: ``model, split, fold, level, coverage, width, n_test, inflation``.
     """
     target = as_target(y, num_rows(X))
     name = model_name or type(estimator).__name__
+    lv = [float(v) for v in levels]
+    rng = np.random.default_rng(seed)
     records = []
+
+    def record(model: Any, split: str, fold: int, rows: np.ndarray, factor: float) -> None:
+        for level, (lo, hi) in interval_bounds(model, take(X, rows), lv).items():
+            coverage = interval_coverage(target[rows], lo, hi)
+            records.append((name, split, fold, level, coverage, float(np.mean(hi - lo)), rows.size, factor))
+
     for split, fold, tr, te in splits:
         model = clone(estimator).fit(take(X, tr), target[tr])
-        bounds = interval_bounds(model, take(X, te), [float(v) for v in levels])
-        for level, (lo, hi) in bounds.items():
-            records.append(
-                (name, split, fold, float(level), interval_coverage(target[te], lo, hi), float(np.mean(hi - lo)), te.size)
-            )
+        record(model, split, fold, te, 1.0)
+        if inflate_ood and split.startswith("ood:") and hasattr(model, "calibrate_inflation") and te.size >= 4:
+            order = rng.permutation(te)
+            halves = (order[: te.size // 2], order[te.size // 2 :])
+            for half in (0, 1):
+                factor = model.calibrate_inflation(take(X, halves[half]), target[halves[half]], lv)
+                record(model, f"{split}+inflated", half, halves[1 - half], factor)
+            model.inflation_ = 1.0
     return pd.DataFrame.from_records(
-        records, columns=["model", "split", "fold", "level", "coverage", "width", "n_test"]
+        records, columns=["model", "split", "fold", "level", "coverage", "width", "n_test", "inflation"]
     )
 
 

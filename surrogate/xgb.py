@@ -80,7 +80,8 @@ class XGBSurrogate(SurrogateBase):
         """Predicted quality, float64."""
         return np.asarray(self.model_.predict(self._design(self._onehot(X))), dtype=np.float64)
 
-    def get_state(self) -> tuple[dict[str, Any], dict[str, bytes]]:
+    def get_state(self, covariance: str = "design") -> tuple[dict[str, Any], dict[str, bytes]]:
+        """State and the booster file (``covariance`` is ignored: trees have no posterior)."""
         raw = bytes(self.model_.get_booster().save_raw("json"))
         return {**self._base_state(), "booster_file": "booster.json"}, {"booster.json": raw}
 

@@ -6,11 +6,14 @@ import csv
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from placement_search import cli
+from placement_search.errors import PlacementSearchError
+from placement_search.placement import Placement
 from placement_search.surrogate import load_surrogate
 from placement_search.surrogate.datasets import additive_quality, default_space, make_synthetic_table
 
@@ -115,3 +118,37 @@ def test_fit_bad_input_in_a_subprocess_has_no_traceback(table_path, tmp_path):
 def test_fit_missing_file(fit_only, tmp_path, capsys):
     assert cli.main(["fit", str(tmp_path / "none.csv")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+COST_TABLE = Path(__file__).resolve().parents[1] / "results" / "cost_tables" / "super-apriel-15b_h200.json"
+
+
+def test_cost_table_speed_ranks_placements_by_predicted_throughput():
+    from placement_search.spec import DEFAULT_SPEC, get_spec
+    from placement_search.surrogate.table import cost_table_speed
+    from placement_search.surrogate.validation import speed_buckets
+
+    spec = get_spec(DEFAULT_SPEC)
+    space = spec.search_space
+    placements = [Placement([m] * 48, space) for m in ("attention", "sliding_window", "gdn", "kda")]
+    placements.append(Placement(["attention"] * 12 + ["gdn"] * 36, space))
+    cost = cost_table_speed(placements + placements[:1], COST_TABLE, spec=spec, context=32768, batch_policy="max_fit")
+    speed = cost.speed
+    assert speed[0] == speed[-1] and speed[2] > speed[4] > speed[0]  # all-GDN > 12 attention > all-attention
+    assert "super-apriel-15b_h200.json" in cost.describe() and "context 32768" in cost.describe()
+    assert speed_buckets(speed, 2)[0] == 0 and speed_buckets(speed, 2)[2] == 1
+    with pytest.raises(PlacementSearchError, match="context"):
+        cost_table_speed(placements, COST_TABLE, spec=spec, context=10**7)
+
+
+def test_fit_with_cost_table_buckets(fit_only, table_path, capsys):
+    code = cli.main(["fit", str(table_path), "--surrogate", "ridge", "--cv", "3", "--cost-table", str(COST_TABLE),
+                     "--context", "32768", "--batch-policy", "max_fit"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "speed buckets from predicted decode tokens/s from cost table super-apriel-15b_h200.json" in captured.err
+    assert "precision@top10%[3]" in captured.out.splitlines()[0]
+    both = ["fit", str(table_path), "--cost-table", str(COST_TABLE), "--speed-column", "speed"]
+    assert cli.main(both) == 2 and "not both" in capsys.readouterr().err
+    assert cli.main(["fit", str(table_path), "--cost-table", str(table_path)]) == 2
+    assert capsys.readouterr().err.count("\n") == 1

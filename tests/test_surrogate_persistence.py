@@ -69,7 +69,7 @@ def test_manifest_provenance(tmp_path, data):
     assert manifest["training"] == {"n_samples": 150, "sha256": data_hash(X, y)}
     assert manifest["metrics"] == {"spearman": 0.9} and manifest["extra"] == {"note": "test"}
     assert {"python", "numpy", "scikit-learn", "xgboost", "placement-search"} <= set(manifest["versions"])
-    assert manifest["created"] and set(manifest["files"]) == {"state.json", "covariance.safetensors"}
+    assert manifest["created"] and set(manifest["files"]) == {"state.json", "training_indices.safetensors"}
     state = json.loads((path / "state.json").read_text())
     assert isinstance(state["fit"]["coef"], list)
 
@@ -173,3 +173,74 @@ def _rewrite(path, name, data):
     manifest = json.loads((path / "manifest.json").read_text())
     manifest["files"][name] = hashlib.sha256(data).hexdigest()
     (path / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _size(path):
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+@pytest.fixture(scope="module")
+def cluster24():
+    """A cluster expansion wide enough for the covariance to dominate (24 layers: 792 weights)."""
+    quality = pairwise_quality(default_space(24), seed=0, max_distance=2, noise_std=0.1)
+    rng = np.random.default_rng(1)
+    X = sample_uniform(quality.space, 400, rng)
+    return ClusterExpansion(max_distance=2, prior="ridge", pair_alpha=4.0).fit(X, quality.sample(X, rng)), X
+
+
+def test_covariance_forms_size_and_std(tmp_path, cluster24):
+    model, X = cluster24
+    _, std = model.predict(X[:50], return_std=True)
+    sizes = {}
+    for form in ("design", "float32", "float64", "none"):
+        path = save_surrogate(model, tmp_path / form, covariance=form)
+        sizes[form] = _size(path)
+        loaded = load_surrogate(path)
+        np.testing.assert_array_equal(loaded.predict(X[:50]), model.predict(X[:50]))
+        if form == "none":
+            with pytest.raises(PlacementSearchError, match="without its posterior covariance"):
+                loaded.predict(X[:50], return_std=True)
+            continue
+        got = loaded.predict(X[:50], return_std=True)[1]
+        if form == "float32":
+            np.testing.assert_allclose(got, std, rtol=1e-5)
+        else:
+            np.testing.assert_array_equal(got, std)  # design: rebuilt with the fit's own arithmetic
+    dense = 792 * 792 * 8
+    assert sizes["float64"] > dense and sizes["float32"] > dense // 2
+    assert sizes["design"] < dense // 20 and sizes["none"] < sizes["design"]
+
+
+def test_design_form_survives_a_second_save_and_bayesian_prior(tmp_path, data):
+    X, y, X_test = data
+    for model in (LinearSurrogate(prior="bayesian", include_counts=True).fit(X, y),
+                  ClusterExpansion(max_distance=2, prior="bayesian").fit(X, y)):
+        once = load_surrogate(save_surrogate(model, tmp_path / "a"))
+        twice = load_surrogate(save_surrogate(once, tmp_path / "b"))
+        assert "training_indices.safetensors" in read_manifest(tmp_path / "b")["files"]
+        np.testing.assert_array_equal(twice.predict(X_test, return_std=True)[1], model.predict(X_test, return_std=True)[1])
+    with pytest.raises(PlacementSearchError, match="covariance must be one of"):
+        save_surrogate(model, tmp_path / "c", covariance="half")
+
+
+def test_kfold_ensemble_stores_one_covariance(tmp_path, data):
+    X, y, X_test = data
+    model = EnsembleSurrogate(ClusterExpansion(max_distance=2, prior="ridge"), n_members=3, resample="kfold").fit(X, y)
+    path = save_surrogate(model, tmp_path / "m")
+    files = set(read_manifest(path)["files"])
+    assert "final/training_indices.safetensors" in files
+    assert not any(name.startswith("member_") and name.endswith(".safetensors") for name in files)
+    loaded = load_surrogate(path)
+    for a, b in zip(loaded.predict_interval(X_test, 0.1), model.predict_interval(X_test, 0.1), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_indices_file_is_checked(tmp_path, data):
+    from placement_search.surrogate.persistence import array_to_bytes
+
+    X, y, _ = data
+    path = save_surrogate(LinearSurrogate().fit(X, y), tmp_path / "m")
+    _rewrite(path, "training_indices.safetensors", array_to_bytes(np.full((150, 10), 7, dtype=np.int8)))
+    with pytest.raises(PlacementSearchError, match="mixer indices outside") as excinfo:
+        load_surrogate(path)
+    _one_line(excinfo)

@@ -114,7 +114,7 @@ def test_calibration_table(table):
     placements, frame = table
     splits = list(kfold_splits(len(placements), 3, seed=0))
     cal = calibration(LinearSurrogate(alpha=0.1), placements, frame["score"], splits, levels=(0.5, 0.9))
-    assert list(cal.columns) == ["model", "split", "fold", "level", "coverage", "width", "n_test"]
+    assert list(cal.columns) == ["model", "split", "fold", "level", "coverage", "width", "n_test", "inflation"]
     mean = cal.groupby("level")["coverage"].mean()
     assert abs(mean[0.5] - 0.5) < 0.12 and abs(mean[0.9] - 0.9) < 0.08
     ens = calibration(

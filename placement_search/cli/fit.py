@@ -2,7 +2,9 @@
 
 Thin: the work is in :mod:`placement_search.surrogate` (``table``, ``registry``, ``validation``,
 ``tuning``, ``persistence``). Prints the validation table (k-fold, plus out-of-distribution splits
-when the table has a ``sampler`` column with ``uniform`` rows and others).
+when the table has a ``sampler`` column with ``uniform`` rows and others). Speed buckets come from a
+speed column, or with ``--cost-table`` from the decode throughput a measured cost table predicts at
+``--context`` under ``--batch-policy``, else from the attention-layer count (a proxy).
 """
 
 from __future__ import annotations
@@ -36,6 +38,27 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="speed column for the speed buckets (default: 'speed' if present, else minus the attention-layer count)",
     )
     p.add_argument(
+        "--cost-table",
+        default=None,
+        metavar="PATH",
+        help="cost table JSON (e.g. results/cost_tables/super-apriel-15b_h200.json): speed buckets from each "
+        "placement's predicted decode throughput instead of a speed column or the attention-count proxy",
+    )
+    p.add_argument("--context", type=int, default=32768, help="context length for --cost-table (default 32768)")
+    p.add_argument(
+        "--batch-policy", default="max_fit", help="batch policy for --cost-table: max_fit, max_fit:CAP or fixed:B"
+    )
+    p.add_argument(
+        "--memory-gib", type=float, default=None, help="memory budget for --cost-table (default: the table's GPU)"
+    )
+    p.add_argument(
+        "--covariance",
+        choices=("design", "float32", "float64", "none"),
+        default="design",
+        help="how --out stores a linear/cluster posterior covariance: design (default; exact, small), "
+        "float32, float64 (dense) or none (no return_std after loading)",
+    )
+    p.add_argument(
         "--surrogate", default="xgb", metavar="NAME", help=f"surrogate: {', '.join(SURROGATE_NAMES)} (default xgb)"
     )
     p.add_argument("--cv", type=int, default=5, help="k-fold splits (default 5)")
@@ -61,9 +84,12 @@ def run(args: argparse.Namespace) -> int:
     if args.trials < 1:
         raise PlacementSearchError(f"--trials must be at least 1, got {args.trials}")
     registry.make_surrogate(args.surrogate, args.seed)  # fail fast on an unknown name
-    space = get_spec(args.model).search_space
+    if args.cost_table and args.speed_column:
+        raise PlacementSearchError("give --speed-column or --cost-table, not both")
+    spec = get_spec(args.model)
+    space = spec.search_space
     frame = table.read_table(args.table)
-    speed_column = args.speed_column or ("speed" if "speed" in frame.columns else None)
+    speed_column = None if args.cost_table else args.speed_column or ("speed" if "speed" in frame.columns else None)
     data = table.load_evaluation_table(
         frame,
         space,
@@ -75,8 +101,18 @@ def run(args: argparse.Namespace) -> int:
     )
     if len(data) < max(args.cv, 2):
         raise PlacementSearchError(f"{args.table}: {len(data)} rows, fewer than the {args.cv} CV folds")
+    source = f"column {speed_column!r}" if speed_column else "the attention-layer count (proxy)"
+    if args.cost_table:
+        cost = table.cost_table_speed(
+            data.placements,
+            args.cost_table,
+            spec=spec,
+            context=args.context,
+            batch_policy=args.batch_policy,
+            memory_gib=args.memory_gib,
+        )
+        data.speed, source = cost.speed, cost.describe()
     if not args.quiet:
-        source = f"column {speed_column!r}" if speed_column else "the attention-layer count"
         print(f"{args.table}: {len(data)} placements, target {args.target!r}, speed buckets from {source}",
               file=sys.stderr)
     report = workflow.fit_and_validate(
@@ -108,12 +144,14 @@ def run(args: argparse.Namespace) -> int:
             metrics={"summary": report.summary, "calibration": report.calibration, "cv": args.cv,
                      "seed": args.seed, "tuned_params": report.tuned_params},
             space=space,
+            covariance=args.covariance,
             extra={
                 "table": str(args.table),
                 "table_sha256": table.file_sha256(args.table),
                 "target": args.target,
                 "surrogate": args.surrogate,
                 "model_spec": args.model,
+                "speed_buckets": source,
             },
         )
         if not args.quiet:
