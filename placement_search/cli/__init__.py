@@ -23,6 +23,7 @@ VERBS: list[str] = [
     "placement_search.cli.export",
     "placement_search.cli.throughput",
     "placement_search.cli.fit",
+    "placement_search.cli.evaluate",
 ]
 
 

@@ -1,0 +1,343 @@
+"""Evaluation campaigns: many placements of one checkpoint on one device, results in SQLite as they finish.
+
+- Tasks are lm-eval tasks (the ``ps_*`` pack or any task lm-eval can load); their requests are built once with
+  lm-eval's own task code, encoded once (:class:`~placement_search.evaluators.lm_eval_model.RequestEncoder`), pooled
+  across tasks, deduplicated and planned once (:class:`~placement_search.evaluators.lm_eval_model.ScoringPlan`:
+  prefix sharing, batching). Per placement the model switches mixers (no reload), runs the plan, and lm-eval's
+  filters, ``process_results`` and aggregations turn the responses into the metrics ``simple_evaluate`` would report
+  through :class:`~placement_search.evaluators.lm_eval_model.PlacementSearchLM`.
+- Results: table ``scores`` (one row per metric) and ``evaluations`` (one row per placement and task) keyed by
+  ``(checkpoint_hash, placement, task, settings_hash)``; ``placement`` is the compact letter code. The database runs
+  in WAL mode and each placement is written in one transaction, so an interruption loses at most the placement in
+  progress and never leaves it half-written. A rerun skips every key already present.
+- :func:`load_results` returns a tidy DataFrame (one row per placement, task and metric).
+
+``generate_until`` tasks are not supported in campaigns (run them through lm-eval with the model class).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sqlite3
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from placement_search.errors import PlacementSearchError
+from placement_search.evaluators.lm_eval_model import (
+    RequestEncoder,
+    ScoringPlan,
+    TokenRequest,
+    parse_dtype,
+)
+from placement_search.placement import Placement, SearchSpace
+from placement_search.sampling import SAMPLERS, sample
+
+#: Bumped whenever the scoring conventions change (part of every settings hash).
+SCORING_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS evaluations (
+    checkpoint_hash TEXT NOT NULL, placement TEXT NOT NULL, task TEXT NOT NULL, settings_hash TEXT NOT NULL,
+    docs INTEGER NOT NULL, seconds REAL NOT NULL, device TEXT NOT NULL, finished_at TEXT NOT NULL,
+    PRIMARY KEY (checkpoint_hash, placement, task, settings_hash));
+CREATE TABLE IF NOT EXISTS scores (
+    checkpoint_hash TEXT NOT NULL, placement TEXT NOT NULL, task TEXT NOT NULL, settings_hash TEXT NOT NULL,
+    metric TEXT NOT NULL, value REAL,
+    PRIMARY KEY (checkpoint_hash, placement, task, settings_hash, metric));
+CREATE TABLE IF NOT EXISTS settings (settings_hash TEXT PRIMARY KEY, settings TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS checkpoints (checkpoint_hash TEXT PRIMARY KEY, path TEXT NOT NULL);
+"""
+
+
+# --------------------------------------------------------------------------------------------
+# Keys
+
+
+def checkpoint_hash(path: str | os.PathLike[str]) -> str:
+    """SHA-256 over ``config.json`` and every ``*.safetensors`` / index file of a checkpoint (names and bytes)."""
+    p = Path(path)
+    files = sorted(f for f in p.iterdir() if f.name == "config.json" or f.name.endswith((".safetensors", ".index.json")))
+    if not any(f.name == "config.json" for f in files):
+        raise PlacementSearchError(f"{p}: not a checkpoint (no config.json)")
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode() + b"\0")
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda fh=fh: fh.read(1 << 22), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _json_hash(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------
+# Tasks
+
+
+def resolve_tasks(spec: str | os.PathLike[str]) -> tuple[str | None, list[str]]:
+    """``(include_path, task names)`` from a task pack directory (all its tasks) or comma-separated names."""
+    text = str(spec)
+    if os.path.isdir(text):
+        from placement_search.evaluators.tasks import load_pack_manifest
+
+        yamls = sorted(Path(text).glob("*.yaml"))
+        if not yamls:
+            raise PlacementSearchError(f"{text}: no task YAML files in this directory")
+        names = [t["name"] for t in load_pack_manifest(text)["tasks"]]
+        return text, names
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise PlacementSearchError("no tasks given")
+    return None, names
+
+
+def load_lm_eval_tasks(spec: str | os.PathLike[str]) -> dict[str, Any]:
+    """lm-eval task objects by name (offline for the local pack); one-line errors for unknown tasks."""
+    from lm_eval.tasks import TaskManager
+
+    include, names = resolve_tasks(spec)
+    manager = TaskManager(include_path=include, include_defaults=include is None)
+    known = set(manager.all_tasks)
+    missing = [n for n in names if n not in known]
+    if missing:
+        raise PlacementSearchError(f"unknown task {missing[0]!r}" + (f" in {include}" if include else ""))
+    try:
+        return dict(manager.load(names)["tasks"])
+    except Exception as e:  # datasets / lm-eval raise many types for missing data
+        raise PlacementSearchError(f"cannot load tasks {', '.join(names)}: {type(e).__name__}: {e}") from None
+
+
+@dataclass
+class _TaskPlan:
+    task: Any
+    units: list[list[int]]  # per instance: indices into the shared request pool
+    reduce: list[str]  # per instance: "pair" (loglikelihood) or "sum" (rolling)
+    settings_hash: str = ""
+
+
+@dataclass
+class CampaignTasks:
+    """Tasks with their requests built and encoded once, pooled into one :class:`ScoringPlan`."""
+
+    tasks: dict[str, _TaskPlan]
+    requests: list[TokenRequest]
+    plan: ScoringPlan
+    settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @classmethod
+    def build(
+        cls, task_objects: dict[str, Any], encoder: RequestEncoder, batch_size: int, extra_settings: dict[str, Any]
+    ) -> CampaignTasks:
+        """Build every task's requests (lm-eval), encode and pool them, and plan the scoring."""
+        pool: dict[TokenRequest, int] = {}
+        plans: dict[str, _TaskPlan] = {}
+        settings: dict[str, dict[str, Any]] = {}
+
+        def add(req: TokenRequest) -> int:
+            return pool.setdefault(req, len(pool))
+
+        for name, task in task_objects.items():
+            task.build_all_requests(limit=None, rank=0, world_size=1)
+            units: list[list[int]] = []
+            reduce: list[str] = []
+            content = hashlib.sha256()
+            for inst in task.instances:
+                content.update(json.dumps([inst.request_type, list(inst.args)], default=str).encode())
+                if inst.request_type == "loglikelihood":
+                    units.append([add(encoder.loglikelihood(*inst.args))])
+                    reduce.append("pair")
+                elif inst.request_type == "loglikelihood_rolling":
+                    units.append([add(r) for r in encoder.rolling(inst.args[0])])
+                    reduce.append("sum")
+                else:
+                    raise PlacementSearchError(
+                        f"task {name}: {inst.request_type} requests are not supported in campaigns (use lm-eval)"
+                    )
+            s = {"task": name, "requests_sha256": content.hexdigest(), "scoring_version": SCORING_VERSION,
+                 "max_length": encoder.max_length, **extra_settings}  # fmt: skip
+            settings[name] = s
+            plans[name] = _TaskPlan(task, units, reduce, _json_hash(s))
+        requests = list(pool)
+        return cls(plans, requests, ScoringPlan(requests, encoder.max_length, batch_size), settings)
+
+    def score(self, model: Any) -> dict[str, tuple[dict[str, float], int]]:
+        """Per task: (``{"metric,filter": value}``, documents) under ``model``'s current placement."""
+        results = self.plan.run(model)
+        return {name: _task_metrics(tp, results) for name, tp in self.tasks.items()}
+
+
+def _task_metrics(tp: _TaskPlan, results: Sequence[tuple[float, bool]]) -> tuple[dict[str, float], int]:
+    """lm-eval's post-processing for one task: responses -> filters -> ``process_results`` -> aggregations."""
+    task = tp.task
+    for inst, units, how in zip(task.instances, tp.units, tp.reduce, strict=True):
+        inst.resps = [results[units[0]] if how == "pair" else math.fsum(results[u][0] for u in units)]
+        inst.filtered_resps = {}
+    task.apply_filters()
+    by_doc: dict[int, list[Any]] = defaultdict(list)
+    for inst in task.instances:
+        by_doc[inst.doc_id].append(inst)
+    raw: dict[tuple[str, str], list[Any]] = defaultdict(list)
+    for key in task.instances[0].filtered_resps:
+        for doc_id in sorted(by_doc):
+            insts = sorted(by_doc[doc_id], key=lambda i: i.idx)
+            for metric, value in task.process_results(insts[0].doc, [i.filtered_resps[key] for i in insts]).items():
+                raw[(metric, key)].append(value)
+    aggregations = task.aggregation()
+    out: dict[str, float] = {}
+    for (metric, key), items in raw.items():
+        fn = aggregations.get(metric) or (lambda xs: float(np.mean(xs)))
+        out[f"{metric},{key}"] = float(fn(items))
+    return out, len(by_doc)
+
+
+# --------------------------------------------------------------------------------------------
+# Placements
+
+
+def sample_placements(space: SearchSpace, spec: str, seed: int, exclude: Iterable[Placement] = ()) -> list[Placement]:
+    """Placements from ``"uniform:200,stratified:200,structured:50"`` (deduplicated across samplers)."""
+    seen = list(exclude)
+    out: list[Placement] = []
+    for k, part in enumerate(p.strip() for p in spec.split(",") if p.strip()):
+        name, _, count = part.partition(":")
+        if name not in SAMPLERS or not count.isdigit():
+            raise PlacementSearchError(
+                f"cannot read sampler {part!r}: write NAME:COUNT with NAME one of {', '.join(SAMPLERS)}"
+            )
+        got = sample(space, int(count), name, seed=[seed, k], exclude=[*seen, *out])  # type: ignore[arg-type]
+        out.extend(got)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Storage
+
+
+def connect(db: str | os.PathLike[str]) -> sqlite3.Connection:
+    """Open (creating) a results database in WAL mode."""
+    Path(db).parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(str(db), timeout=60)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.executescript(_SCHEMA)
+    return conn
+
+
+def done_keys(conn: sqlite3.Connection, ckpt: str) -> set[tuple[str, str, str]]:
+    """``(placement, task, settings_hash)`` already evaluated for checkpoint ``ckpt``."""
+    rows = conn.execute("SELECT placement, task, settings_hash FROM evaluations WHERE checkpoint_hash = ?", (ckpt,))
+    return {tuple(r) for r in rows}  # type: ignore[misc]
+
+
+def load_results(db: str | os.PathLike[str]) -> pd.DataFrame:
+    """Tidy results: one row per checkpoint, placement, task, settings and metric, with the evaluation's details."""
+    if not Path(db).is_file():
+        raise PlacementSearchError(f"{db}: no such results database")
+    with sqlite3.connect(str(db)) as conn:
+        return pd.read_sql_query(
+            "SELECT s.checkpoint_hash, s.placement, s.task, s.settings_hash, s.metric, s.value, "
+            "e.docs, e.seconds, e.device, e.finished_at FROM scores s JOIN evaluations e USING "
+            "(checkpoint_hash, placement, task, settings_hash) ORDER BY e.finished_at, s.placement, s.task, s.metric",
+            conn,
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Running
+
+
+@dataclass
+class CampaignSummary:
+    """What a run did: placements evaluated now, placements skipped as done, wall seconds, tokens per placement."""
+
+    evaluated: int
+    skipped: int
+    seconds: float
+    fed_tokens_per_placement: int
+    scored_tokens_per_placement: int
+    checkpoint_hash: str
+
+    @property
+    def placements_per_second(self) -> float:
+        return self.evaluated / self.seconds if self.seconds > 0 else math.nan
+
+
+def run_campaign(
+    checkpoint: str | os.PathLike[str],
+    tasks: str | os.PathLike[str],
+    placements: Sequence[Placement | str | Sequence[str]],
+    db: str | os.PathLike[str],
+    *,
+    device: str = "cpu",
+    dtype: str = "auto",
+    batch_size: int = 16,
+    max_length: int | None = None,
+    progress: bool = True,
+    on_placement: Callable[[int, Placement], None] | None = None,
+) -> CampaignSummary:
+    """Evaluate ``placements`` of ``checkpoint`` on ``tasks`` (pack directory or names), storing each as it finishes.
+
+    ``on_placement(i, placement)`` is called after placement ``i`` is committed (progress hooks, tests).
+    """
+    from tqdm import tqdm
+
+    from placement_search.evaluators.checkpoint import load_supernet
+    from placement_search.evaluators.tokenizer import load_tokenizer
+
+    ckpt_dir = Path(checkpoint)
+    if not ckpt_dir.is_dir():
+        raise PlacementSearchError(f"{ckpt_dir}: no such checkpoint directory")
+    task_objects = load_lm_eval_tasks(tasks)
+    ckpt = checkpoint_hash(ckpt_dir)
+    model = load_supernet(ckpt_dir, device=device, dtype=parse_dtype(dtype, device))
+    tokenizer = load_tokenizer(ckpt_dir)
+    length = max_length or int(model.spec.max_position_embeddings)
+    encoder = RequestEncoder(tokenizer, length)
+    space = model.spec.search_space
+    chosen = list(dict.fromkeys(Placement.parse(p, space) for p in placements))
+    built = CampaignTasks.build(task_objects, encoder, batch_size, {"dtype": str(model.dtype)})
+
+    conn = connect(db)
+    try:
+        with conn:
+            conn.execute("INSERT OR IGNORE INTO checkpoints VALUES (?, ?)", (ckpt, str(ckpt_dir.resolve())))
+            for name, tp in built.tasks.items():
+                conn.execute("INSERT OR IGNORE INTO settings VALUES (?, ?)",
+                             (tp.settings_hash, json.dumps(built.settings[name], sort_keys=True)))  # fmt: skip
+        done = done_keys(conn, ckpt)
+        todo = [p for p in chosen if any((p.code(), n, tp.settings_hash) not in done for n, tp in built.tasks.items())]
+        start = time.perf_counter()
+        for i, p in enumerate(tqdm(todo, desc="placements", unit="placement", disable=not progress)):
+            t0 = time.perf_counter()
+            model.set_placement(p)
+            scored = built.score(model)
+            seconds = time.perf_counter() - t0
+            stamp = datetime.now(UTC).isoformat(timespec="milliseconds")
+            with conn:  # one transaction per placement
+                for name, (metrics, docs) in scored.items():
+                    key = (ckpt, p.code(), name, built.tasks[name].settings_hash)
+                    if key[1:] in done:
+                        continue
+                    conn.execute("INSERT INTO evaluations VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                                 (*key, docs, seconds, str(model.device), stamp))  # fmt: skip
+                    conn.executemany("INSERT INTO scores VALUES (?, ?, ?, ?, ?, ?)",
+                                     [(*key, m, v) for m, v in sorted(metrics.items())])  # fmt: skip
+            if on_placement is not None:
+                on_placement(i, p)
+        elapsed = time.perf_counter() - start
+    finally:
+        conn.close()
+    return CampaignSummary(len(todo), len(chosen) - len(todo), elapsed, built.plan.num_tokens,
+                           built.plan.scored_tokens, ckpt)  # fmt: skip
