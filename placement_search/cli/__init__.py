@@ -24,6 +24,7 @@ VERBS: list[str] = [
     "placement_search.cli.throughput",
     "placement_search.cli.fit",
     "placement_search.cli.evaluate",
+    "placement_search.cli.optimize",
 ]
 
 
