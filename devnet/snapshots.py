@@ -26,7 +26,6 @@ import json
 import os
 import shutil
 import tempfile
-import uuid
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -40,7 +39,7 @@ from placement_search.devnet.transfer import is_shared
 from placement_search.errors import PlacementSearchError
 from placement_search.evaluators import Supernet, load_supernet
 from placement_search.evaluators.checkpoint import export_config
-from placement_search.files import write_json_atomic
+from placement_search.files import atomic_directory, write_json_atomic
 
 FORMAT = "placement-search-devnet-snapshot/1"
 SNAPSHOT_JSON = "snapshot.json"
@@ -79,22 +78,9 @@ def _shard(names: list[str], sizes: Mapping[str, int], limit: int) -> list[list[
 
 
 def _write_dir(path: Path, fill: Callable[[Path], None]) -> Path:
-    """Build a directory beside ``path`` with ``fill(tmp)`` and rename it into place (replacing ``path``)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    """Build a directory with ``fill(tmp)`` and swap it into place atomically (replacing ``path``)."""
+    with atomic_directory(path) as tmp:
         fill(tmp)
-        old = None
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 

@@ -14,9 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from placement_search.evaluators import Supernet, load_supernet, save_checkpoint
+from placement_search.files import atomic_directory
 
 STATE_JSON = "state.json"
 
@@ -50,9 +49,7 @@ def lr_at(step: int, total: int, lr: float, warmup: int, min_ratio: float) -> fl
 def save_state(path: str | os.PathLike[str], model: Supernet, optimizer: torch.optim.Optimizer, progress: Progress) -> None:
     """Write the state directory ``path`` atomically (see the module docstring)."""
     path = Path(path)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_directory(path) as tmp:
         save_checkpoint(model, tmp / "model")
         sd = optimizer.state_dict()
         tensors: dict[str, torch.Tensor] = {}
@@ -79,16 +76,6 @@ def save_state(path: str | os.PathLike[str], model: Supernet, optimizer: torch.o
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
         (tmp / STATE_JSON).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-        old = None
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def has_state(path: str | os.PathLike[str]) -> bool:

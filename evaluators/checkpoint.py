@@ -19,8 +19,6 @@ import json
 import math
 import os
 import re
-import shutil
-import uuid
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -32,7 +30,7 @@ from safetensors.torch import save_file
 
 from placement_search.errors import PlacementSearchError
 from placement_search.evaluators.supernet import PlacementLike, Supernet, mixers_for
-from placement_search.files import load_json
+from placement_search.files import atomic_directory, load_json
 from placement_search.placement import Placement
 from placement_search.spec import AttentionSpec, ModelSpec, default_mixer_name
 
@@ -422,10 +420,7 @@ def save_checkpoint(
         shards[-1].append(name)
         size += nbytes
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with atomic_directory(path) as tmp:
         weight_map = {}
         for k, shard in enumerate(shards):
             file = SINGLE if len(shards) == 1 else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
@@ -439,17 +434,4 @@ def save_checkpoint(
             (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
         config["torch_dtype"] = str(model.dtype).removeprefix("torch.")
         (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        old = None
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path

@@ -28,9 +28,7 @@ import hashlib
 import json
 import os
 import platform
-import shutil
 import sys
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -39,7 +37,7 @@ import numpy as np
 
 from placement_search import __version__
 from placement_search.errors import PlacementSearchError
-from placement_search.files import load_json
+from placement_search.files import atomic_directory, load_json
 from placement_search.placement import SearchSpace
 from placement_search.surrogate.features import as_onehot
 
@@ -208,23 +206,12 @@ def save_surrogate(
         raise SurrogateFileError(f"{target}: exists and is not a directory")
     if target.is_dir() and any(target.iterdir()) and not (target / MANIFEST).is_file():
         raise SurrogateFileError(f"{target}: directory is not empty and holds no saved surrogate; not overwriting")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    try:
+    with atomic_directory(target, fsync=False) as tmp:  # _write_synced flushes each file itself
         for name, data in all_files.items():
             path = tmp / name
             path.parent.mkdir(parents=True, exist_ok=True)
             _write_synced(path, data)
         _write_synced(tmp / MANIFEST, (json.dumps(manifest, indent=2, allow_nan=False) + "\n").encode())
-        old = None
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
-            os.replace(target, old / "model")
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 

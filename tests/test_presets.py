@@ -188,3 +188,20 @@ def test_batch_policy_parse() -> None:
     for bad in ("fixed", "fixed:x", "greedy"):
         with pytest.raises(PresetError):
             BatchPolicy.parse(bad)
+
+
+def test_atomic_directory_replaces_or_leaves_untouched(tmp_path) -> None:
+    from placement_search.files import atomic_directory
+
+    target = tmp_path / "model"
+    with atomic_directory(target) as d:
+        (d / "a.txt").write_text("one")
+    assert (target / "a.txt").read_text() == "one"
+    with pytest.raises(RuntimeError), atomic_directory(target) as d:
+        (d / "a.txt").write_text("half")
+        raise RuntimeError("crash while writing")
+    assert (target / "a.txt").read_text() == "one"  # untouched
+    with atomic_directory(target) as d:
+        (d / "b.txt").write_text("two")
+    assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary left behind
