@@ -12,6 +12,7 @@ For saving without pickle each surrogate turns its fitted state into JSON plus n
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any
 
 import numpy as np
@@ -35,7 +36,7 @@ def as_target(y: Any, n: int) -> np.ndarray:
     return arr
 
 
-class SurrogateBase(RegressorMixin, BaseEstimator):
+class SurrogateBase(RegressorMixin, BaseEstimator, ABC):
     """Shared featurizing and bookkeeping; subclasses implement ``_fit`` and ``_predict``."""
 
     # -- featurizing ------------------------------------------------------------------------------
@@ -70,14 +71,14 @@ class SurrogateBase(RegressorMixin, BaseEstimator):
         space = state.get("space")
         self.space_ = None if space is None else SearchSpace.from_dict(space)
 
+    @abstractmethod
     def get_state(self, covariance: str = "design") -> tuple[dict[str, Any], dict[str, bytes]]:
         """The fitted state as a JSON-ready dict and named binary files (no pickle).
 
         ``covariance`` is the on-disk form of a posterior covariance, for the models that have one."""
-        raise NotImplementedError
 
+    @abstractmethod
     def set_state(self, state: dict[str, Any], files: dict[str, bytes]) -> None:
         """Restore what :meth:`get_state` returned (``files`` maps the same names to bytes)."""
-        raise NotImplementedError
 
 
