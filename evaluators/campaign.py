@@ -3,7 +3,8 @@
 - Tasks are lm-eval tasks (the ``ps_*`` pack or any task lm-eval can load); their requests are built once with
   lm-eval's own task code, encoded once (:class:`~placement_search.evaluators.lm_eval_model.RequestEncoder`), pooled
   across tasks, deduplicated and planned once (:class:`~placement_search.evaluators.lm_eval_model.ScoringPlan`:
-  prefix sharing, batching). Per placement the model switches mixers (no reload), runs the plan, and lm-eval's
+  prefix sharing, one context pass for requests sharing a context such as multiple choice, batching). Per
+  placement the model switches mixers (no reload), runs the plan, and lm-eval's
   filters, ``process_results`` and aggregations turn the responses into the metrics ``simple_evaluate`` would report
   through :class:`~placement_search.evaluators.lm_eval_model.PlacementSearchLM`.
 - Results: table ``scores`` (one row per metric) and ``evaluations`` (one row per placement and task) keyed by

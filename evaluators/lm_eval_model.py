@@ -23,6 +23,9 @@ Scoring conventions (shared by :mod:`.campaign`, which must report the same numb
 - Sequences are cut from the left to ``max_length + 1`` tokens. Requests whose input tokens are a prefix
   of another request's input tokens are read from that longer sequence's forward (the mixers are causal),
   so a key-value document with many queries costs one forward; sequences are right-padded in a batch.
+  Requests sharing a context (the choices of a multiple-choice question) are scored from one pass over the
+  context: it is prefilled into a decode cache whose rows are copied per choice, and each choice's tokens are
+  fed as decode steps (:class:`ScoringPlan`); the values agree with full forwards to float rounding.
 
 lm-eval 0.4.13 has no plugin entry point for models: a model is found when the module that registers it has been
 imported. Importing this module registers ``placement-search``; for the command line run this module, which
@@ -38,10 +41,14 @@ then ``lm_eval.simple_evaluate(model="placement-search", model_args=...)`` or pa
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import os
 import sys
 import warnings
+from collections import defaultdict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +60,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from placement_search.errors import PlacementSearchError
+from placement_search.evaluators.cache import Cache
 from placement_search.evaluators.checkpoint import load_supernet
 from placement_search.evaluators.supernet import Supernet
 from placement_search.evaluators.tokenizer import load_tokenizer
@@ -110,12 +118,79 @@ class Scorer:
         return plan.run(self.model)
 
 
+def copy_cache_rows(dst: Cache, src: Cache, dst_rows: torch.Tensor, src_rows: torch.Tensor) -> None:
+    """``dst``'s rows ``dst_rows`` become copies of ``src``'s rows ``src_rows`` (every layer state and ``pos``).
+
+    Both caches must belong to the same placement and have the same ``max_len`` (so ring caches have the same
+    size); only the caches' public per-row tensors are touched (the shared ``slots`` index is not per row).
+    """
+    if dst.placement != src.placement or dst.max_len != src.max_len:
+        raise PlacementSearchError("copy_cache_rows needs caches of one placement and one max_len")
+    for d, s in zip(dst.layers, src.layers, strict=True):
+        for f in dataclasses.fields(d):
+            a, b = getattr(d, f.name), getattr(s, f.name)
+            if f.name == "slots" or not isinstance(a, torch.Tensor):
+                continue
+            a[dst_rows] = b[src_rows]
+    dst.pos[dst_rows] = src.pos[src_rows]
+
+
+def cache_row_prefix(cache: Cache, rows: int, length: int) -> Cache:
+    """A cache whose tensors are views of ``cache``'s first ``rows`` rows, holding ``length`` tokens (host count).
+
+    Decode steps on it update those rows of ``cache`` in place (the mixers' steps write into the cache tensors
+    they are given), so a batch can drop finished rows without copying the states.
+    """
+    view = copy.copy(cache)
+    view.layers = [
+        dataclasses.replace(
+            layer,
+            **{
+                f.name: getattr(layer, f.name)[:rows]
+                for f in dataclasses.fields(layer)
+                if f.name != "slots" and isinstance(getattr(layer, f.name), torch.Tensor)
+            },
+        )
+        for layer in cache.layers
+    ]
+    view.pos = cache.pos[:rows]
+    view.batch = rows
+    view.length = length
+    return view
+
+
+@dataclass
+class _Chunk:
+    """Shared-context groups scored together: their contexts are prefilled (one forward per distinct length),
+    the cache rows replicated once per branch, and the branches fed as decode steps in one batch (longest
+    first; a row leaves the batch when its tail is done, so no padding is fed)."""
+
+    stems: dict[int, list[tuple[int, ...]]]  # context length -> the contexts (one row each) of that length
+    stem_rows: dict[int, list[int]]  # context length -> each context's index in the chunk
+    branch_src: list[int]  # per branch row: its context's index in the chunk
+    tails: list[tuple[int, ...]]  # per branch row, longest first: the tokens after the context
+    max_len: int  # the cache length: longest context + decode steps
+    segments: list[tuple[int, int, int]]  # (rows, first step, end step): the first rows still decoding
+    gather: tuple[torch.Tensor, ...] = ()  # (table index, token, owner) per scored token
+
+
 class ScoringPlan:
-    """Requests cut to the model's length and mapped onto the fewest distinct sequences (prefix sharing).
+    """Requests cut to the model's length and mapped onto the fewest distinct sequences (prefix sharing), with
+    sequences that share a context (multiple choice) run as one context pass plus their continuations.
 
     Sorting the input sequences lexicographically puts a sequence right before every longer one it is a prefix
     of, so one backward pass finds, for each input, the longest sequence that extends it (its *root*).
-    Roots are forwarded longest first in batches of ``batch_size``.
+
+    Each root's *context* is its prefix up to the first predicted position (inclusive). Roots sharing a context
+    form a group; a group of two or more roots whose context is at least as long as its longest tail (the tokens
+    after the context) is scored from one pass over the context: the context is prefilled into a decode cache,
+    the cache rows are copied once per root, and the tails are fed as batched, unpadded decode steps (logits at
+    the last context position are shared by every root of the group). ``batch_size`` groups make one chunk; its
+    decode batch holds one cache row per root. Every other root is forwarded whole, longest first, in
+    right-padded batches of ``batch_size``.
+
+    Decode steps and a full forward add the same terms in a different order, so the two paths agree to float
+    rounding (about 1e-6 relative in float32), not bit for bit.
     """
 
     def __init__(self, requests: Sequence[TokenRequest], max_length: int, batch_size: int) -> None:
@@ -138,27 +213,96 @@ class ScoringPlan:
         slot = {r: k for k, r in enumerate(roots)}
         index = {seq: slot[root[i]] for i, seq in enumerate(uniq)}
         self.sequences = [uniq[r] for r in roots]
-        self.batches = [list(range(s, min(s + batch_size, len(roots)))) for s in range(0, len(roots), batch_size)]
         # per request: the root slot, the positions of its predictions and the predicted tokens
         self.items: list[tuple[int, int, tuple[int, ...]]] = []
         for inp, tgt in zip(inputs, targets, strict=True):
             self.items.append((index[inp], len(inp) - len(tgt), tgt))
+
+        # contexts: per root, the prefix through its first predicted position; group the roots by it
+        stem_len = [len(s) for s in self.sequences]
+        for s, start, _ in self.items:
+            stem_len[s] = min(stem_len[s], start + 1)
+        groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
+        for s, seq in enumerate(self.sequences):
+            groups[seq[: stem_len[s]]].append(s)
+        shared = [
+            (stem, members)
+            for stem, members in groups.items()
+            if len(members) > 1 and len(stem) >= max(len(self.sequences[s]) - len(stem) for s in members)
+        ]
+        shared.sort(key=lambda g: (-len(g[0]), g[0]))  # equal context lengths adjacent: one prefill each
+        grouped = {s for _, members in shared for s in members}
+        plain = [s for s in range(len(self.sequences)) if s not in grouped]
+        self.batches = [plain[i : i + batch_size] for i in range(0, len(plain), batch_size)]
         self._by_batch: list[tuple[torch.Tensor, ...]] = []
+        by_slot: dict[int, list[int]] = defaultdict(list)
+        for r, (s, _, _) in enumerate(self.items):
+            by_slot[s].append(r)
         for batch in self.batches:
-            where = {s: k for k, s in enumerate(batch)}
             rows, pos, tok, owner = [], [], [], []
-            for r, (s, start, tgt) in enumerate(self.items):
-                if s in where:
-                    rows.extend([where[s]] * len(tgt))
+            for k, s in enumerate(batch):
+                for r in by_slot[s]:
+                    _, start, tgt = self.items[r]
+                    rows.extend([k] * len(tgt))
                     pos.extend(range(start, start + len(tgt)))
                     tok.extend(tgt)
                     owner.extend([r] * len(tgt))
             self._by_batch.append(tuple(torch.tensor(x, dtype=torch.long) for x in (rows, pos, tok, owner)))
+        self.chunks = [self._chunk(shared[i : i + batch_size], by_slot) for i in range(0, len(shared), batch_size)]
+
+    def _chunk(self, groups: list[tuple[tuple[int, ...], list[int]]], by_slot: dict[int, list[int]]) -> _Chunk:
+        stems: dict[int, list[tuple[int, ...]]] = defaultdict(list)
+        stem_rows: dict[int, list[int]] = defaultdict(list)
+        branch_src: list[int] = []
+        tails: list[tuple[int, ...]] = []
+        branch_slot: list[int] = []
+        branches: list[tuple[int, int]] = []  # (group, root slot)
+        for g, (stem, members) in enumerate(groups):
+            stems[len(stem)].append(stem)
+            stem_rows[len(stem)].append(g)
+            branches.extend((g, s) for s in members)
+        # longest tail first, so the rows still decoding at any step are a prefix of the batch
+        branches.sort(key=lambda b: -(len(self.sequences[b[1]]) - len(groups[b[0]][0])))
+        for g, s in branches:
+            branch_src.append(g)
+            tails.append(self.sequences[s][len(groups[g][0]) :])
+            branch_slot.append(s)
+        steps = len(tails[0])
+        ends = sorted({len(t) for t in tails if t})
+        segments = []
+        for i0, i1 in zip([0, *ends[:-1]], ends, strict=True):
+            segments.append((sum(len(t) > i0 for t in tails), i0, i1))
+        chunk = _Chunk(dict(stems), dict(stem_rows), branch_src, tails, max(stems) + steps, segments)
+        # logits table of a chunk: the contexts' last positions (one row per group), then each segment's decode
+        # steps (row-major [row, step]); map each scored token to its row in that table
+        offset, base = {}, len(groups)
+        for k, i0, i1 in segments:
+            offset[i0] = base
+            base += k * (i1 - i0)
+        where, tok, owner = [], [], []
+        for j, s in enumerate(branch_slot):
+            g = branch_src[j]
+            lc = len(groups[g][0])
+            for r in by_slot[s]:
+                _, start, tgt = self.items[r]
+                for q, t in zip(range(start - lc, start - lc + len(tgt)), tgt, strict=True):
+                    if q < 0:  # the context's last position
+                        where.append(g)
+                    else:
+                        i0, i1 = next((a, b) for _, a, b in segments if a <= q < b)
+                        where.append(offset[i0] + j * (i1 - i0) + (q - i0))
+                    tok.append(t)
+                    owner.append(r)
+        chunk.gather = tuple(torch.tensor(x, dtype=torch.long) for x in (where, tok, owner))
+        return chunk
 
     @property
     def num_tokens(self) -> int:
-        """Tokens fed per placement (sum of the distinct sequences' lengths)."""
-        return sum(len(s) for s in self.sequences)
+        """Tokens fed per placement: whole sequences, each shared context once, and each continuation's steps."""
+        total = sum(len(self.sequences[s]) for batch in self.batches for s in batch)
+        for c in self.chunks:
+            total += sum(len(x) for xs in c.stems.values() for x in xs) + sum(len(t) for t in c.tails)
+        return total
 
     @property
     def scored_tokens(self) -> int:
@@ -170,6 +314,14 @@ class ScoringPlan:
         device = model.device
         logp_sum = torch.zeros(self.n, dtype=torch.float64)
         misses = torch.zeros(self.n, dtype=torch.long)
+
+        def add(picked: torch.Tensor, tok: torch.Tensor, owner: torch.Tensor) -> None:
+            tok = tok.to(device)
+            lp = picked.gather(-1, tok[:, None])[:, 0] - picked.logsumexp(-1)
+            miss = (picked.argmax(-1) != tok).long()
+            logp_sum.index_add_(0, owner, lp.double().cpu())
+            misses.index_add_(0, owner, miss.cpu())
+
         for batch, (rows, pos, tok, owner) in zip(self.batches, self._by_batch, strict=True):
             seqs = [self.sequences[s] for s in batch]
             width = max(len(s) for s in seqs)
@@ -177,12 +329,38 @@ class ScoringPlan:
             for k, s in enumerate(seqs):
                 x[k, : len(s)] = torch.tensor(s, dtype=torch.long)
             logits = model(x.to(device))
-            picked = logits[rows.to(device), pos.to(device)].float()  # [n_tok, V]
-            lp = picked.gather(-1, tok.to(device)[:, None])[:, 0] - picked.logsumexp(-1)
-            miss = (picked.argmax(-1) != tok.to(device)).long()
-            logp_sum.index_add_(0, owner, lp.double().cpu())
-            misses.index_add_(0, owner, miss.cpu())
+            add(logits[rows.to(device), pos.to(device)].float(), tok, owner)  # [n_tok, V]
+        for c in self.chunks:
+            where, tok, owner = c.gather
+            add(self._run_chunk(model, c)[where.to(device)].float(), tok, owner)
         return [(float(v), bool(m == 0)) for v, m in zip(logp_sum.tolist(), misses.tolist(), strict=True)]
+
+    @staticmethod
+    def _run_chunk(model: Supernet, c: _Chunk) -> torch.Tensor:
+        """The chunk's logits table ``[groups + branches * steps, V]`` (see :meth:`_chunk`)."""
+        device = model.device
+        n_groups = sum(len(v) for v in c.stems.values())
+        branches = model.new_cache(len(c.tails), c.max_len)
+        src_of = torch.tensor(c.branch_src, dtype=torch.long)
+        last: torch.Tensor | None = None
+        for length, stems in c.stems.items():
+            cache = model.new_cache(len(stems), c.max_len)
+            logits = model(torch.tensor(stems, dtype=torch.long, device=device), cache=cache)[:, -1]
+            if last is None:
+                last = logits.new_empty(n_groups, logits.shape[-1])
+            ids = torch.tensor(c.stem_rows[length], dtype=torch.long)
+            last[ids.to(device)] = logits
+            local = torch.full((n_groups,), -1, dtype=torch.long)
+            local[ids] = torch.arange(len(stems))
+            dst = (local[src_of] >= 0).nonzero()[:, 0]
+            copy_cache_rows(branches, cache, dst.to(device), local[src_of[dst]].to(device))
+        assert last is not None
+        table = [last]
+        for k, i0, i1 in c.segments:  # rows sit at their own positions (cache.pos); ``length`` bounds them all
+            x = torch.tensor([t[i0:i1] for t in c.tails[:k]], dtype=torch.long, device=device)
+            decoded = model(x, cache=cache_row_prefix(branches, k, max(c.stems) + i0))  # one decode step per token
+            table.append(decoded.reshape(-1, decoded.shape[-1]))
+        return torch.cat(table)
 
 
 class RequestEncoder:

@@ -111,6 +111,28 @@ def test_model_class_matches_direct_logprobs(pack: dict) -> None:
     assert isinstance(gen, str)
 
 
+def test_shared_context_scored_from_one_context_pass(pack: dict) -> None:
+    from placement_search.evaluators.lm_eval_model import Scorer
+
+    model = pack["model"]
+    ctx = tuple(range(3, 40))  # longer than the sliding window (5): the ring cache wraps during the prefill
+    choices = [(50, 51, 52, 53), (60,), (70, 71), (80, 81, 82), (90, 91)]
+    requests = [(ctx, c) for c in choices] + [((5, 6), (7, 8, 9))]  # the last one is forwarded whole
+    scorer = Scorer(model, batch_size=4, max_length=SEQ)
+    plan = scorer.plan(requests)
+    assert plan.num_tokens == len(ctx) + sum(len(c) - 1 for c in choices) + 4  # one context pass
+    for placement in ["attention,sliding_window", "gdn,kda", "kda,attention", "sliding_window,gdn"]:
+        model.set_placement(placement)
+        got = scorer.score(plan)
+        for (c, t), (ll, greedy) in zip(requests, got, strict=True):
+            with torch.no_grad():
+                logp = model(torch.tensor([c + t]))[0, :-1].float().log_softmax(-1)
+            rows = logp[len(c) - 1 :]
+            # decode steps vs one forward: the same sums in another order (float32 rounding, ~1e-6 relative)
+            assert ll == pytest.approx(float(rows.gather(-1, torch.tensor(t)[:, None]).sum()), rel=1e-5, abs=1e-5)
+            assert greedy == bool((rows.argmax(-1) == torch.tensor(t)).all())
+
+
 def test_simple_evaluate_equals_campaign_and_resume(pack: dict, tmp_path: Path) -> None:
     import lm_eval
     from lm_eval.tasks import TaskManager
