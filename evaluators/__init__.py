@@ -13,8 +13,7 @@ that need no torch (the memory and cost models) load on the core install:
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from placement_search._lazy import lazy_exports
 
 _LAZY: dict[str, str] = {
     "AttentionCache": "cache",
@@ -43,14 +42,4 @@ _LAZY: dict[str, str] = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_LAZY])
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())

@@ -16,8 +16,7 @@ The names below are imported on first access (PEP 562), so importing a light sub
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from placement_search._lazy import lazy_exports
 
 _EXPORTS = {
     "ClusterExpansion": "cluster",
@@ -33,14 +32,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
