@@ -64,6 +64,23 @@ def main(argv: list[str] | None = None) -> int:
     up = sub.add_parser("unpack", help="check and extract packed parts; rebuild supernet/ from the teacher")
     up.add_argument("src", help="folder with the parts and their .json manifests (the device's files_at)")
     up.add_argument("--into", default="results/devnet", help="run directory to extract into")
+    ds = sub.add_parser("dataset", help="task packs + campaigns at the final and intermediate checkpoints (GPU)")
+    ds.add_argument("--supernet", default="results/devnet/supernet", help="final supernet directory")
+    ds.add_argument("--snapshots", default=None, help="folder holding supernet-step*/ snapshots (none: final only)")
+    ds.add_argument("--devnet", default="results/devnet", help="run directory with corpus.npz")
+    ds.add_argument("--work", required=True, help="where the packs, devnet.sqlite and speed.json go")
+    ds.add_argument("--device", default="cuda", help="cuda or cpu (default cuda)")
+    ds.add_argument("--batch-size", type=int, default=128, help="sequences per forward (default 128)")
+    ds.add_argument("--budget", type=float, default=450.0, help="seconds after which no placement starts")
+    ds.add_argument("--noise", type=int, default=40, help="placements re-scored on pack B (default 40)")
+    ds.add_argument("--shared", type=int, default=320, help="placements scored at every snapshot (default 320)")
+    ds.add_argument("--quiet", action="store_true", help="no progress bars")
+    pf = sub.add_parser("preflight", help="check every mixer's GPU kernel path (and autotune fla) -> preflight.json")
+    pf.add_argument("--out", default="results/devnet", help="run directory (default results/devnet)")
+    pf.add_argument("--device", default="cuda", help="CUDA device (default cuda)")
+    ex = sub.add_parser("dataset-export", help="the shipped tables from a dataset run's database (CPU)")
+    ex.add_argument("--work", required=True, help="the dataset run's folder (devnet.sqlite, tasks-a/, placements.csv)")
+    ex.add_argument("--out", default="results/evaluations", help="where the tables go (default results/evaluations)")
     estimate.add_argument("--batch", type=int, default=1, help="rows per measured CPU step")
     estimate.add_argument("--out", help="write the estimate as JSON here")
     args = parser.parse_args(argv)
@@ -78,6 +95,25 @@ def main(argv: list[str] | None = None) -> int:
             write_text_atomic(args.out, text + "\n")
         print(text)
         return 0
+    if args.command == "preflight":
+        from pathlib import Path
+
+        from placement_search.devnet.config import model_spec
+        from placement_search.devnet.train import prepare_gpu
+
+        out = Path(args.out)
+        settings = Settings.from_dict(json.loads((out / "settings.json").read_text(encoding="utf-8")))
+        (out / "preflight.json").unlink(missing_ok=True)
+        print(json.dumps(prepare_gpu(out, model_spec(settings.size), torch.device(args.device))))
+        return 0
+    if args.command == "dataset-export":
+        from placement_search.devnet.dataset import export
+
+        return export(args.work, args.out)
+    if args.command == "dataset":
+        from placement_search.devnet.dataset import main as dataset_main
+
+        return dataset_main(args)
     if args.command == "pack":
         return _pack(args)
     if args.command == "unpack":

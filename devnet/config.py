@@ -163,6 +163,7 @@ class TrainSettings:
     log_every: int = 10
     kept_checkpoints: int = 4  # intermediate exported checkpoints kept along training (distillation)
     hidden_mse_weight: float = 0.0  # distillation: + weight * normalised hidden-state MSE
+    copied_lr_scale: float = 1.0  # distillation: learning-rate factor of the mixers copied from the teacher
     seed: int = 0
 
 
@@ -230,7 +231,7 @@ def full_settings() -> Settings:
         teacher=TrainSettings(lr=2e-3, warmup_steps=100, batch_size=64, minutes=4.0, seed=0),
         distill=TrainSettings(
             lr=1e-3, warmup_steps=50, batch_size=64, micro_batches=2, minutes=5.0, hidden_mse_weight=0.1,
-            kept_checkpoints=4, seed=1,
+            kept_checkpoints=4, seed=1, copied_lr_scale=0.1,
         ),
     )  # fmt: skip
 

@@ -84,6 +84,13 @@ def export_supernet(model: Supernet, path: Path, tokenizer_dir: Path, dtype: tor
     return path
 
 
+def copied_lr_scale(name: str, ds: Any) -> float:
+    """``ds.copied_lr_scale`` for the attention and sliding-window mixers (copied from the teacher: already trained,
+    they only need to adapt to their mixed neighbours), 1 for GDN and KDA (initialised, then learnt)."""
+    copied = ".mixers.attention." in name or ".mixers.sliding_window." in name
+    return float(ds.copied_lr_scale) if copied else 1.0
+
+
 def snapshot_name(step: int) -> str:
     """Directory name of the intermediate snapshot taken after ``step`` optimiser steps."""
     return f"supernet-step{step:06d}"
@@ -167,7 +174,7 @@ def train_supernet(
     result = run_stage(
         "supernet", out / "supernet-state", out / "distill-log.jsonl", ds, device,
         build_model=build, trainable=lambda name: not is_shared(name), step_fn=step_fn, eval_fn=eval_fn,
-        export_fn=export_fn, stop_after=stop_after,
+        export_fn=export_fn, stop_after=stop_after, lr_scale=lambda name: copied_lr_scale(name, ds),
     )  # fmt: skip
     if result.finished:
         info = {"stage": "distill", "step": result.steps, "total_steps": result.steps, "final": True}

@@ -42,24 +42,29 @@ def autocast(device: torch.device) -> AbstractContextManager[Any]:
 
 
 def make_optimizer(
-    model: Supernet, settings: TrainSettings, trainable: Callable[[str], bool]
+    model: Supernet,
+    settings: TrainSettings,
+    trainable: Callable[[str], bool],
+    lr_scale: Callable[[str], float] | None = None,
 ) -> torch.optim.AdamW:
     """AdamW over the parameters ``trainable(name)`` accepts (the others get ``requires_grad=False``).
 
     Weight decay applies to matrices (``dim >= 2``: projections, embeddings, convolutions), not to norms,
-    ``A_log`` or ``dt_bias``.
+    ``A_log`` or ``dt_bias``. ``lr_scale(name)`` (default 1) multiplies the scheduled learning rate of that
+    parameter (kept per group as ``"lr_scale"``).
     """
-    decay, no_decay = [], []
+    groups: dict[tuple[bool, float], list[torch.nn.Parameter]] = {}
     for name, p in model.named_parameters():
         p.requires_grad_(trainable(name))
         if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [
-        {"params": decay, "weight_decay": settings.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+            key = (p.dim() >= 2, float(lr_scale(name)) if lr_scale is not None else 1.0)
+            groups.setdefault(key, []).append(p)
+    param_groups = [
+        {"params": params, "weight_decay": settings.weight_decay if decay else 0.0, "lr_scale": scale}
+        for (decay, scale), params in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1]))
     ]
     fused = next(model.parameters()).device.type == "cuda"
-    return torch.optim.AdamW(groups, lr=settings.lr, betas=settings.betas, fused=fused)
+    return torch.optim.AdamW(param_groups, lr=settings.lr, betas=settings.betas, fused=fused)
 
 
 @dataclass
@@ -90,14 +95,16 @@ def run_stage(
     eval_fn: EvalFn | None = None,
     export_fn: ExportFn | None = None,
     stop_after: int | None = None,
+    lr_scale: Callable[[str], float] | None = None,
 ) -> StageResult:
     """Train one stage to its last step (resuming from ``state_dir``); see the module docstring.
 
     ``stop_after``: stop (with a saved state) once this many steps are done, to test resumption.
+    ``lr_scale(name)``: a per-parameter factor on the scheduled learning rate (:func:`make_optimizer`).
     """
 
     def factory(model: Supernet) -> torch.optim.AdamW:
-        return make_optimizer(model, settings, trainable)
+        return make_optimizer(model, settings, trainable, lr_scale)
 
     if has_state(state_dir):
         model, optimizer, progress = load_state(state_dir, factory, device=device)
@@ -139,7 +146,7 @@ def run_stage(
         total_for_lr = progress.total_steps or settings.max_steps
         lr = lr_at(step, total_for_lr, settings.lr, settings.warmup_steps, settings.min_lr_ratio)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         metrics = step_fn(model, step)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, settings.grad_clip))
         optimizer.step()

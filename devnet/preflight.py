@@ -32,7 +32,7 @@ from placement_search.spec import AttentionSpec, GDNSpec, KDASpec, MixerSpec, Mo
 PATHS: dict[str, tuple[str, ...]] = {
     "attention": ("sdpa", "flex", "reference"),
     "sliding_window": ("flex", "sdpa", "reference"),
-    "gdn": ("fla", "chunk"),
+    "gdn": ("fla", "fla_kda", "chunk"),
     "kda": ("fla", "chunk"),
 }
 TOL_OUT = 5e-2  # bf16 autocast vs fp32: measured ~1e-2 on outputs; convention bugs give > 0.1

@@ -23,6 +23,7 @@ import json
 import math
 import os
 import sqlite3
+import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
@@ -109,15 +110,20 @@ def load_lm_eval_tasks(spec: str | os.PathLike[str]) -> dict[str, Any]:
     from lm_eval.tasks import TaskManager
 
     include, names = resolve_tasks(spec)
-    manager = TaskManager(include_path=include, include_defaults=include is None)
-    known = set(manager.all_tasks)
-    missing = [n for n in names if n not in known]
-    if missing:
-        raise PlacementSearchError(f"unknown task {missing[0]!r}" + (f" in {include}" if include else ""))
-    try:
-        return dict(manager.load(names)["tasks"])
-    except Exception as e:  # datasets / lm-eval raise many types for missing data
-        raise PlacementSearchError(f"cannot load tasks {', '.join(names)}: {type(e).__name__}: {e}") from None
+    with tempfile.TemporaryDirectory(prefix="ps-pack-") as tmp:
+        if include is not None:  # a pack: its YAMLs point at the pack's own data wherever the pack now lives
+            from placement_search.evaluators.tasks import write_relocated_yamls
+
+            write_relocated_yamls(include, tmp)
+        manager = TaskManager(include_path=tmp if include else None, include_defaults=include is None)
+        known = set(manager.all_tasks)
+        missing = [n for n in names if n not in known]
+        if missing:
+            raise PlacementSearchError(f"unknown task {missing[0]!r}" + (f" in {include}" if include else ""))
+        try:
+            return dict(manager.load(names)["tasks"])
+        except Exception as e:  # datasets / lm-eval raise many types for missing data
+            raise PlacementSearchError(f"cannot load tasks {', '.join(names)}: {type(e).__name__}: {e}") from None
 
 
 @dataclass
@@ -261,7 +267,8 @@ def load_results(db: str | os.PathLike[str]) -> pd.DataFrame:
 
 @dataclass
 class CampaignSummary:
-    """What a run did: placements evaluated now, placements skipped as done, wall seconds, tokens per placement."""
+    """What a run did: placements evaluated now, skipped as done, and left for later; wall seconds; tokens fed to the
+    model and tokens scored per placement."""
 
     evaluated: int
     skipped: int
@@ -269,10 +276,123 @@ class CampaignSummary:
     fed_tokens_per_placement: int
     scored_tokens_per_placement: int
     checkpoint_hash: str
+    left: int = 0  # placements not started because ``max_seconds`` ran out
 
     @property
     def placements_per_second(self) -> float:
         return self.evaluated / self.seconds if self.seconds > 0 else math.nan
+
+
+class Campaign:
+    """One checkpoint's model and the built tasks, ready to score placements into a results database.
+
+    Building the tasks (lm-eval requests, encoding, the scoring plan) happens once; :meth:`use_checkpoint` swaps in
+    another checkpoint of the same architecture and tokenizer (for example the intermediate snapshots of a training
+    run) without rebuilding them. :meth:`run` evaluates placements, skipping keys already stored.
+    """
+
+    def __init__(
+        self,
+        checkpoint: str | os.PathLike[str],
+        tasks: str | os.PathLike[str],
+        db: str | os.PathLike[str],
+        *,
+        device: str = "cpu",
+        dtype: str = "auto",
+        batch_size: int = 16,
+        max_length: int | None = None,
+    ) -> None:
+        from placement_search.evaluators.tokenizer import load_tokenizer
+
+        self.task_spec = str(tasks)
+        self.device, self.dtype_name, self.db = device, dtype, Path(db)
+        task_objects = load_lm_eval_tasks(tasks)
+        self.use_checkpoint(checkpoint)
+        tokenizer = load_tokenizer(self.checkpoint_dir)
+        self.max_length = max_length or int(self.model.spec.max_position_embeddings)
+        self.encoder = RequestEncoder(tokenizer, self.max_length)
+        extra: dict[str, Any] = {"dtype": str(self.model.dtype)}
+        if os.path.isdir(self.task_spec):  # a pack: its sample part tells packs built from other samples apart
+            from placement_search.evaluators.tasks import load_pack_manifest
+
+            part = load_pack_manifest(self.task_spec).get("settings", {}).get("corpus", {}).get("part")
+            if part is not None:
+                extra["pack_part"] = part
+        self.built = CampaignTasks.build(task_objects, self.encoder, batch_size, extra)
+
+    def use_checkpoint(self, checkpoint: str | os.PathLike[str]) -> str:
+        """Load ``checkpoint`` (same architecture) for the next :meth:`run` calls; returns its hash."""
+        from placement_search.evaluators.checkpoint import load_supernet
+
+        ckpt_dir = Path(checkpoint)
+        if not ckpt_dir.is_dir():
+            raise PlacementSearchError(f"{ckpt_dir}: no such checkpoint directory")
+        old = getattr(self, "model", None)
+        self.model = None  # free the previous weights first
+        del old
+        self.model = load_supernet(ckpt_dir, device=self.device, dtype=parse_dtype(self.dtype_name, self.device))
+        self.model.eval().requires_grad_(False)
+        if hasattr(self, "built") and str(self.model.dtype) != self.built.settings[next(iter(self.built.settings))]["dtype"]:
+            raise PlacementSearchError(f"{ckpt_dir}: loads as {self.model.dtype}, the tasks were built for another dtype")
+        self.checkpoint_dir = ckpt_dir
+        self.checkpoint_hash = checkpoint_hash(ckpt_dir)
+        return self.checkpoint_hash
+
+    def run(
+        self,
+        placements: Sequence[Placement | str | Sequence[str]],
+        *,
+        progress: bool = True,
+        max_seconds: float | None = None,
+        on_placement: Callable[[int, Placement], None] | None = None,
+        desc: str = "placements",
+    ) -> CampaignSummary:
+        """Evaluate ``placements`` under the current checkpoint, storing each as it finishes.
+
+        ``max_seconds``: start no new placement after this many seconds (the rest stay for a rerun).
+        ``on_placement(i, placement)`` is called after placement ``i`` is committed (progress hooks, tests).
+        """
+        from tqdm import tqdm
+
+        model, built, ckpt = self.model, self.built, self.checkpoint_hash
+        space = model.spec.search_space
+        chosen = list(dict.fromkeys(Placement.parse(p, space) for p in placements))
+        conn = connect(self.db)
+        evaluated = 0
+        try:
+            with conn:
+                conn.execute("INSERT OR IGNORE INTO checkpoints VALUES (?, ?)", (ckpt, str(self.checkpoint_dir.resolve())))
+                for name, tp in built.tasks.items():
+                    conn.execute("INSERT OR IGNORE INTO settings VALUES (?, ?)",
+                                 (tp.settings_hash, json.dumps(built.settings[name], sort_keys=True)))  # fmt: skip
+            done = done_keys(conn, ckpt)
+            todo = [p for p in chosen if any((p.code(), n, tp.settings_hash) not in done for n, tp in built.tasks.items())]
+            start = time.perf_counter()
+            for i, p in enumerate(tqdm(todo, desc=desc, unit="placement", disable=not progress)):
+                if max_seconds is not None and time.perf_counter() - start >= max_seconds:
+                    break
+                t0 = time.perf_counter()
+                model.set_placement(p)
+                scored = built.score(model)
+                seconds = time.perf_counter() - t0
+                stamp = datetime.now(UTC).isoformat(timespec="milliseconds")
+                with conn:  # one transaction per placement
+                    for name, (metrics, docs) in scored.items():
+                        key = (ckpt, p.code(), name, built.tasks[name].settings_hash)
+                        if key[1:] in done:
+                            continue
+                        conn.execute("INSERT INTO evaluations VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                                     (*key, docs, seconds, str(model.device), stamp))  # fmt: skip
+                        conn.executemany("INSERT INTO scores VALUES (?, ?, ?, ?, ?, ?)",
+                                         [(*key, m, v) for m, v in sorted(metrics.items())])  # fmt: skip
+                evaluated += 1
+                if on_placement is not None:
+                    on_placement(i, p)
+            elapsed = time.perf_counter() - start
+        finally:
+            conn.close()
+        return CampaignSummary(evaluated, len(chosen) - len(todo), elapsed, built.plan.num_tokens,
+                               built.plan.scored_tokens, ckpt, len(todo) - evaluated)  # fmt: skip
 
 
 def run_campaign(
@@ -286,59 +406,10 @@ def run_campaign(
     batch_size: int = 16,
     max_length: int | None = None,
     progress: bool = True,
+    max_seconds: float | None = None,
     on_placement: Callable[[int, Placement], None] | None = None,
 ) -> CampaignSummary:
-    """Evaluate ``placements`` of ``checkpoint`` on ``tasks`` (pack directory or names), storing each as it finishes.
-
-    ``on_placement(i, placement)`` is called after placement ``i`` is committed (progress hooks, tests).
-    """
-    from tqdm import tqdm
-
-    from placement_search.evaluators.checkpoint import load_supernet
-    from placement_search.evaluators.tokenizer import load_tokenizer
-
-    ckpt_dir = Path(checkpoint)
-    if not ckpt_dir.is_dir():
-        raise PlacementSearchError(f"{ckpt_dir}: no such checkpoint directory")
-    task_objects = load_lm_eval_tasks(tasks)
-    ckpt = checkpoint_hash(ckpt_dir)
-    model = load_supernet(ckpt_dir, device=device, dtype=parse_dtype(dtype, device))
-    tokenizer = load_tokenizer(ckpt_dir)
-    length = max_length or int(model.spec.max_position_embeddings)
-    encoder = RequestEncoder(tokenizer, length)
-    space = model.spec.search_space
-    chosen = list(dict.fromkeys(Placement.parse(p, space) for p in placements))
-    built = CampaignTasks.build(task_objects, encoder, batch_size, {"dtype": str(model.dtype)})
-
-    conn = connect(db)
-    try:
-        with conn:
-            conn.execute("INSERT OR IGNORE INTO checkpoints VALUES (?, ?)", (ckpt, str(ckpt_dir.resolve())))
-            for name, tp in built.tasks.items():
-                conn.execute("INSERT OR IGNORE INTO settings VALUES (?, ?)",
-                             (tp.settings_hash, json.dumps(built.settings[name], sort_keys=True)))  # fmt: skip
-        done = done_keys(conn, ckpt)
-        todo = [p for p in chosen if any((p.code(), n, tp.settings_hash) not in done for n, tp in built.tasks.items())]
-        start = time.perf_counter()
-        for i, p in enumerate(tqdm(todo, desc="placements", unit="placement", disable=not progress)):
-            t0 = time.perf_counter()
-            model.set_placement(p)
-            scored = built.score(model)
-            seconds = time.perf_counter() - t0
-            stamp = datetime.now(UTC).isoformat(timespec="milliseconds")
-            with conn:  # one transaction per placement
-                for name, (metrics, docs) in scored.items():
-                    key = (ckpt, p.code(), name, built.tasks[name].settings_hash)
-                    if key[1:] in done:
-                        continue
-                    conn.execute("INSERT INTO evaluations VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                                 (*key, docs, seconds, str(model.device), stamp))  # fmt: skip
-                    conn.executemany("INSERT INTO scores VALUES (?, ?, ?, ?, ?, ?)",
-                                     [(*key, m, v) for m, v in sorted(metrics.items())])  # fmt: skip
-            if on_placement is not None:
-                on_placement(i, p)
-        elapsed = time.perf_counter() - start
-    finally:
-        conn.close()
-    return CampaignSummary(len(todo), len(chosen) - len(todo), elapsed, built.plan.num_tokens,
-                           built.plan.scored_tokens, ckpt)  # fmt: skip
+    """Evaluate ``placements`` of ``checkpoint`` on ``tasks`` (pack directory or names), storing each as it finishes
+    (see :class:`Campaign`)."""
+    campaign = Campaign(checkpoint, tasks, db, device=device, dtype=dtype, batch_size=batch_size, max_length=max_length)
+    return campaign.run(placements, progress=progress, max_seconds=max_seconds, on_placement=on_placement)

@@ -309,6 +309,7 @@ class ScoringPlan:
         """Continuation tokens scored per placement."""
         return sum(len(t) for _, _, t in self.items)
 
+    @torch.no_grad()
     def run(self, model: Supernet) -> list[tuple[float, bool]]:
         """Score every request under ``model``'s current placement."""
         device = model.device

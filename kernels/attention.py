@@ -16,6 +16,11 @@ from torch import Tensor
 
 from .backend import resolve_attention_backend, resolve_decode_backend
 
+# Without gradients, a sliding window over at most this many tokens runs as SDPA with a dense boolean mask instead of
+# FlexAttention: Flex is compiled once per shape (``dynamic=False``), and evaluation feeds many shapes (on the H200,
+# 2026-11-28, a campaign hit torch.compile's recompile limit and fell back to Flex's unfused path); the dense
+# [T, T] mask costs at most 1 MiB here, and long prefills (throughput at L >= 4K) keep Flex's block sparsity.
+DENSE_WINDOW_MAX_T = 1024
 # Queries per block in the CPU reference: bounds the [B, H, block, S] fp32 score tensor.
 _REFERENCE_Q_BLOCK = 1024
 
@@ -152,7 +157,8 @@ def attention(
         k, v: ``[B, T, Hkv, D]``; ``H % Hkv == 0``, query head h uses kv head ``h // (H // Hkv)``.
         scale: softmax scale (``head_size ** -0.5`` for Apriel2).
         window: W or None; query i sees keys ``i - W < j <= i``.
-        backend: ``"auto"`` (CPU: reference; CUDA: SDPA for full causal, FlexAttention for a window),
+        backend: ``"auto"`` (CPU: reference; CUDA: SDPA for full causal, FlexAttention for a window, or SDPA with
+            a dense mask for a window without gradients over ``T <= DENSE_WINDOW_MAX_T``),
             ``"reference"`` (explicit masked fp32 softmax), ``"sdpa"`` (full causal: ``is_causal``; window: dense
             bool mask, exact but slow), ``"flex"`` (CUDA FlexAttention with a cached block mask).
 
@@ -168,6 +174,8 @@ def attention(
     if window is not None and window >= T:
         window = None  # the window covers every causal key: plain causal attention
     resolved = resolve_attention_backend(backend, q.device, windowed=window is not None)
+    if resolved == "flex" and backend == "auto" and T <= DENSE_WINDOW_MAX_T and not torch.is_grad_enabled():
+        resolved = "sdpa"  # inference on short sequences: no per-shape compilation (see DENSE_WINDOW_MAX_T)
     if resolved == "reference":
         mask = causal_window_mask(T, T, window, device=q.device)
         return _reference_attention(q, k, v, mask, scale)

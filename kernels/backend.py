@@ -17,7 +17,7 @@ from types import ModuleType
 
 import torch
 
-LINEAR_BACKENDS = ("auto", "naive", "chunk", "fla")
+LINEAR_BACKENDS = ("auto", "naive", "chunk", "fla", "fla_kda")
 STEP_BACKENDS = ("auto", "naive", "chunk", "fla")
 ATTENTION_BACKENDS = ("auto", "reference", "sdpa", "flex")
 DECODE_BACKENDS = ("auto", "reference", "sdpa", "sdpa_grouped")
@@ -45,15 +45,16 @@ def _check(backend: str, allowed: tuple[str, ...], what: str) -> None:
 
 
 def resolve_linear_backend(backend: str, device: torch.device) -> str:
-    """Resolve a gated-delta-rule / KDA prefill backend to ``"naive"``, ``"chunk"`` or ``"fla"``."""
+    """Resolve a gated-delta-rule / KDA prefill backend to ``"naive"``, ``"chunk"``, ``"fla"`` or ``"fla_kda"``
+    (the gated delta rule through fla's KDA kernels; for KDA itself it means ``"fla"``)."""
     _check(backend, LINEAR_BACKENDS, "linear-attention")
     if backend == "auto":
         return "fla" if device.type == "cuda" and fla_available() else "chunk"
-    if backend == "fla":
+    if backend in ("fla", "fla_kda"):
         if device.type != "cuda":
-            raise ValueError("backend 'fla' needs CUDA tensors (fla's Triton kernels fail on CPU)")
+            raise ValueError(f"backend {backend!r} needs CUDA tensors (fla's Triton kernels fail on CPU)")
         if not fla_available():
-            raise ImportError("backend 'fla' needs fla-core (pip install 'placement-search[gpu]')")
+            raise ImportError(f"backend {backend!r} needs fla-core (pip install 'placement-search[gpu]')")
     return backend
 
 

@@ -217,6 +217,21 @@ def _default_scale(scale: float | None, dk: int) -> float:
     return dk**-0.5 if scale is None else scale
 
 
+def gdn_as_kda(q: Tensor, k: Tensor, g: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The gated delta rule's inputs in KDA's form: the same recurrence, with the scalar per-head decay applied to
+    every key channel, and the key heads repeated to one per value head (GDN's grouping rule).
+
+    ``q, k [B, T, HK, DK]``, ``g [B, T, HV]`` -> ``q, k [B, T, HV, DK]``, ``g [B, T, HV, DK]`` (>= fp32). KDA's state
+    update ``S <- diag(exp(g_t)) S + ...`` with ``g_t`` equal in every channel is GDN's ``S <- exp(g_t) S + ...``;
+    the gradients of the repeated and broadcast copies sum back onto the originals.
+    """
+    group = g.shape[2] // k.shape[2]
+    if group > 1:
+        q, k = q.repeat_interleave(group, dim=2), k.repeat_interleave(group, dim=2)
+    gx = g.to(torch.promote_types(g.dtype, torch.float32))
+    return q, k, gx[..., None].expand(*g.shape, k.shape[-1])
+
+
 def gated_delta_rule(
     q: Tensor,
     k: Tensor,
@@ -242,13 +257,21 @@ def gated_delta_rule(
         output_final_state: return the final state.
         use_qk_l2norm: L2-normalise q and k (eps 1e-6) before use.
         backend: ``"naive"`` (recurrence), ``"chunk"`` (pure-torch chunked, chunk 64), ``"fla"`` (CUDA:
-            ``chunk_gated_delta_rule``, ``fused_recurrent_gated_delta_rule`` when T == 1), ``"auto"``.
+            ``chunk_gated_delta_rule``, ``fused_recurrent_gated_delta_rule`` when T == 1), ``"fla_kda"`` (CUDA:
+            fla's KDA kernels on :func:`gdn_as_kda`'s inputs: one kernel family, autotuned once, for both linear
+            mixers; fla's own gated backward refuses Triton < 3.7.1 on Hopper), ``"auto"``.
 
     Returns:
         ``(o [B, T, HV, DV] in v.dtype, final_state [B, HV, DK, DV] fp32 or None)``.
     """
     scale = _default_scale(scale, k.shape[-1])
     resolved = resolve_linear_backend(backend, q.device)
+    if resolved == "fla_kda":
+        from .kda import kda
+
+        qx, kx, gx = gdn_as_kda(q, k, g)
+        return kda(qx, kx, v, gx, beta, scale=scale, initial_state=initial_state,
+                   output_final_state=output_final_state, use_qk_l2norm=use_qk_l2norm, backend="fla")  # fmt: skip
     if resolved == "fla":
         mod = fla_module("gated_delta_rule")
         init = None if initial_state is None else initial_state.float().contiguous()

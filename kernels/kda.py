@@ -71,7 +71,7 @@ def kda(
     _check_shapes(q, k, v, g)
     scale = _default_scale(scale, k.shape[-1])
     resolved = resolve_linear_backend(backend, q.device)
-    if resolved == "fla":
+    if resolved in ("fla", "fla_kda"):  # "fla_kda" (GDN through KDA's kernels) is plain "fla" for KDA
         mod = fla_module("kda")
         init = None if initial_state is None else initial_state.float().contiguous()
         fn = mod.fused_recurrent_kda if q.shape[1] == 1 else mod.chunk_kda

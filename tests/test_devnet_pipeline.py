@@ -185,3 +185,24 @@ def test_pack_unpack_rebuilds_final(run, tmp_path):
         import shutil
 
         shutil.rmtree(out / "supernet-delta", ignore_errors=True)
+
+
+def test_copied_mixers_train_at_a_scaled_learning_rate() -> None:
+    from placement_search.devnet.config import full_settings, model_spec
+    from placement_search.devnet.distill import copied_lr_scale
+    from placement_search.devnet.loop import make_optimizer
+    from placement_search.evaluators import random_supernet
+
+    settings = tiny_settings()
+    ds = dataclasses.replace(settings.distill, copied_lr_scale=0.1)
+    model = random_supernet(model_spec(settings.size), seed=0)
+    opt = make_optimizer(model, ds, lambda n: not is_shared(n), lambda n: copied_lr_scale(n, ds))
+    scale_of = {id(p): g["lr_scale"] for g in opt.param_groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        if is_shared(name):
+            assert id(p) not in scale_of and not p.requires_grad
+        elif ".mixers.attention." in name or ".mixers.sliding_window." in name:
+            assert scale_of[id(p)] == 0.1
+        else:
+            assert scale_of[id(p)] == 1.0
+    assert full_settings().distill.copied_lr_scale == 0.1

@@ -261,6 +261,26 @@ def test_kda_with_uniform_channel_decay_equals_gdn() -> None:
     torch.testing.assert_close(s_k, s_g, rtol=0, atol=TOL64)
 
 
+def test_gdn_as_kda_grouped_heads_values_and_gradients() -> None:
+    # the "fla_kda" GDN path feeds KDA these inputs: outputs, final state and the gradients of q, k, g (summed back
+    # over the repeated heads and the broadcast channels) must equal GDN's own, GQA grouping included (float64).
+    q, k, v, g, beta, h0 = _inputs(2, 37, 2, 4, 8, 8, per_channel=False, seed=21)
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v, g, beta)]
+    o_g, s_g = K.gated_delta_rule(*leaves, initial_state=h0, output_final_state=True)
+    grads_g = torch.autograd.grad((o_g.square().sum() + s_g.sum()), leaves)
+    leaves2 = [t.clone().requires_grad_(True) for t in (q, k, v, g, beta)]
+    qk, kk, gk = K.gdn_as_kda(leaves2[0], leaves2[1], leaves2[3])
+    assert qk.shape == (2, 37, 4, 8) and gk.shape == (2, 37, 4, 8)
+    o_k, s_k = K.kda(qk, kk, leaves2[2], gk, leaves2[4], initial_state=h0, output_final_state=True)
+    grads_k = torch.autograd.grad((o_k.square().sum() + s_k.sum()), leaves2)
+    torch.testing.assert_close(o_k, o_g, rtol=0, atol=TOL64)
+    torch.testing.assert_close(s_k, s_g, rtol=0, atol=TOL64)
+    for a, b in zip(grads_k, grads_g, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    with pytest.raises(ValueError, match="fla_kda"):
+        K.gated_delta_rule(q, k, v, g, beta, backend="fla_kda")  # CPU tensors: fla's kernels need CUDA
+
+
 def test_kda_gate_formula_and_shape() -> None:
     torch.manual_seed(21)
     H, DK = 3, 4

@@ -9,6 +9,7 @@ import os
 import sqlite3
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 pytest.importorskip("lm_eval")
@@ -212,3 +213,117 @@ def test_cli_errors_are_one_line(pack: dict, tmp_path: Path, capsys: pytest.Capt
     code = main(["evaluate", "--checkpoint", str(pack["ckpt"]), "--tasks", str(pack["tasks"]), "--sample",
                  "uniform:2,structured:1", "--db", str(db), "--quiet"])  # fmt: skip
     assert code == 0 and len(load_results(db).placement.unique()) == 3
+
+
+def test_pack_parts_are_disjoint_and_the_pack_moves(pack: dict, tmp_path: Path) -> None:
+    import shutil
+
+    from placement_search.evaluators.campaign import load_lm_eval_tasks
+    from placement_search.evaluators.tasks import write_relocated_yamls
+
+    corpus = Corpus.load(pack["root"] / "corpus" / "corpus.npz")
+    docs = {}
+    for k in (0, 1):
+        out = tmp_path / f"part{k}"
+        build_task_pack(corpus, pack["tokenizer"], out, window=5, bpb_docs=None, kv_queries_per_bin=None, mc_docs=50,
+                        part=(k, 2))  # fmt: skip
+        assert load_pack_manifest(out)["settings"]["corpus"]["part"] == [k, 2]
+        rows = {t: [json.loads(x) for x in (out / f"{t}.jsonl").read_text().splitlines()]
+                for t in ("ps_code_bpb", "ps_code_mc")}  # fmt: skip
+        kv = [json.loads(x) for f in out.glob("ps_kv_ll_*.jsonl") for x in f.read_text().splitlines()]
+        docs[k] = ({r["text"] for r in rows["ps_code_bpb"]}, {r["block"] for r in kv}, {r["context"] for r in rows["ps_code_mc"]})
+    for a, b in zip(docs[0], docs[1], strict=True):
+        assert a and b and not (a & b)  # other files, other synthetic blocks
+    with pytest.raises(Exception, match="part must be"):
+        build_task_pack(corpus, pack["tokenizer"], tmp_path / "bad", window=5, part=(2, 2))
+    # a pack keeps working when moved (its YAMLs hold absolute paths): the campaign loader relocates them
+    moved = tmp_path / "moved"
+    shutil.copytree(tmp_path / "part0", moved)
+    shutil.rmtree(tmp_path / "part0")
+    tasks = load_lm_eval_tasks(moved)
+    assert set(tasks) == {t["name"] for t in load_pack_manifest(moved)["tasks"]}
+    (moved / "ps_code_mc.jsonl").write_text("{}\n")
+    with pytest.raises(Exception, match="SHA-256"):
+        write_relocated_yamls(moved, tmp_path / "y")
+
+
+def test_campaign_time_budget_and_checkpoint_switch(pack: dict, tmp_path: Path) -> None:
+    from placement_search.evaluators.campaign import Campaign
+
+    other = tmp_path / "other"
+    model = random_supernet(pack["model"].spec, seed=5)
+    save_checkpoint(model, other)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (other / name).write_bytes((pack["ckpt"] / name).read_bytes())
+    db = tmp_path / "c.sqlite"
+    campaign = Campaign(pack["ckpt"], pack["tasks"], db, batch_size=4)
+    placements = ["gdn,kda", "attention,gdn", "kda,kda"]
+    none = campaign.run(placements, progress=False, max_seconds=0)
+    assert (none.evaluated, none.left) == (0, 3)
+    done = campaign.run(placements, progress=False)
+    assert (done.evaluated, done.skipped, done.left) == (3, 0, 0)
+    first = campaign.checkpoint_hash
+    assert campaign.use_checkpoint(other) != first
+    again = campaign.run(placements[:2], progress=False)
+    assert again.evaluated == 2 and again.checkpoint_hash == campaign.checkpoint_hash
+    df = load_results(db)
+    assert df.groupby("checkpoint_hash").placement.nunique().to_dict() == {first: 3, campaign.checkpoint_hash: 2}
+    # the pack's sample part is part of every settings hash (other samples are other keys)
+    with sqlite3.connect(db) as conn:
+        settings = [json.loads(s) for (s,) in conn.execute("SELECT settings FROM settings")]
+    assert all("pack_part" in s for s in settings)
+
+
+def test_dataset_run_final_noise_and_snapshots(pack: dict, tmp_path: Path) -> None:
+    from placement_search.devnet import dataset as D
+    from placement_search.devnet.snapshots import save_snapshot
+
+    space = pack["model"].spec.search_space
+    order = D.dataset_placements(space, "structured:3,stratified:3,uniform:3", seed=1)
+    assert len(order) == len(set(order)) == 9
+    assert D.spread(order, 3) == [order[0], order[3], order[6]] and D.spread(order, 20) == order
+    snap = tmp_path / "snaps" / "supernet-step000007"
+    perturbed = random_supernet(pack["model"].spec, seed=0)
+    perturbed.load_state_dict(pack["model"].state_dict())
+    with torch.no_grad():
+        for name, p in perturbed.named_parameters():
+            if ".mixers." in name:
+                p.mul_(1.5)
+    save_snapshot(perturbed, snap, {"stage": "distill", "step": 7})
+    packs = D.build_packs(pack["root"] / "corpus", pack["ckpt"], tmp_path / "work")
+    assert {t["name"] for t in load_pack_manifest(packs["tasks-b"])["tasks"]} >= {"ps_code_bpb", "ps_teacher_trace"}
+    record = D.build_dataset(pack["ckpt"], [snap], packs, tmp_path / "work" / "db.sqlite", device="cpu",
+                             batch_size=8, budget_s=600, noise=2, shared=3, chunk=2,
+                             placement_spec="structured:5,stratified:2,uniform:2", progress=False)  # fmt: skip
+    stages = {s["stage"]: s for s in record["stages"]}
+    assert stages["final/tasks-a"]["evaluated"] == 9 and stages["final/tasks-b"]["evaluated"] == 2
+    snap_rows = [s for s in record["stages"] if s["stage"].startswith("supernet-step")]
+    assert sum(s["evaluated"] for s in snap_rows) == 3, record["stages"]
+    listing = pd.read_csv(tmp_path / "work" / D.PLACEMENTS_FILE)
+    assert len(listing) == 9 and listing.noise_set.sum() == 2 and listing.shared_set.sum() == 3
+    assert set(listing.sampler) == {"structured", "stratified", "uniform"}
+
+    # the shipped tables: tidy, wide (final, set a; all-attention is the retention reference), noise; the loader
+    from placement_search.evaluators.dataset import export_dataset, load_dataset
+
+    ref = Placement.parse("attention,attention", space)
+    campaign_db = tmp_path / "work" / "db.sqlite"
+    run_campaign(pack["ckpt"], packs["tasks-a"], [ref], campaign_db, batch_size=8, progress=False)
+    run_campaign(pack["ckpt"], packs["tasks-b"], [ref], campaign_db, batch_size=8, progress=False)
+    paths = export_dataset(campaign_db, packs["tasks-a"], tmp_path / "tables", name="tiny",
+                           placements_csv=tmp_path / "work" / D.PLACEMENTS_FILE, provenance={"run": record},
+                           final_checkpoint="ckpt")  # fmt: skip
+    long = load_dataset(paths["evaluations"])
+    assert set(long.checkpoint) == {"ckpt", "supernet-step000007"} and set(long.sample_set) == {"a", "b"}
+    assert long.groupby(["checkpoint", "sample_set", "placement", "task"]).primary.sum().eq(1).all()
+    final = pd.read_csv(paths["final"], dtype={"placement": str})
+    n_final = len(set(listing.placement) | {ref.code()})
+    assert len(final) == n_final and final.set_index("placement").score[ref.code()] == pytest.approx(1.0)
+    assert final.score.gt(0).all() and (final.sampler.fillna("") != "").sum() == 9
+    noise = pd.read_csv(paths["noise"], dtype={"placement": str})
+    n_noise = len(set(listing.placement[listing.noise_set]) | {ref.code()})
+    assert len(noise) == n_noise and noise.score_a.notna().all() and noise.score_b.notna().all()
+    meta = json.loads(paths["provenance"].read_text())
+    assert meta["placements"]["ckpt/a"] == n_final and meta["noise"]["placements"] == n_noise
+    with pytest.raises(Exception, match="no such dataset table"):
+        load_dataset(tmp_path / "missing.csv.gz")

@@ -144,6 +144,13 @@ def _pick(n_total: int, count: int | None, rng: np.random.Generator) -> list[int
     return sorted(rng.choice(n_total, size=count, replace=False).tolist())
 
 
+def _check_part(part: tuple[int, int]) -> tuple[int, int]:
+    k, n = (int(x) for x in part)
+    if n < 1 or not 0 <= k < n:
+        raise PlacementSearchError(f"part must be (k, n) with 0 <= k < n, got {part!r}")
+    return k, n
+
+
 def _bin_name(lo: int, hi: int) -> str:
     return f"{lo}_{hi}"
 
@@ -157,19 +164,27 @@ def build_task_pack(
     bpb_docs: int | None = 64,
     doc_tokens: int | None = None,
     kv_queries_per_bin: int | None = 200,
+    kv_blocks: int | None = None,
+    kv_multiple_choice: bool = True,
     kv_choices: int = 4,
     mc_docs: int = 200,
     mc_choices: int = 4,
     mc_context_lines: int = 12,
     seed: int = 0,
+    part: tuple[int, int] = (0, 1),
 ) -> dict[str, Any]:
     """Write the corpus tasks (bpb, key-value retrieval by distance, next-line choice) into ``out_dir``.
 
     ``tokenizer``: the checkpoint's tokenizer as :func:`placement_search.evaluators.load_tokenizer` returns it.
-    ``window``: the sliding window (distance bins). ``doc_tokens``: bpb document size (default ``seq_len - 1``,
-    so ``[eos] + doc`` is one training-length window). Returns (and writes) the manifest ``pack.json``, keeping
+    ``window``: the sliding window (distance bins). ``kv_blocks``: draw the key-value queries from this many
+    held-out synthetic blocks only (their queries share one pass per block, so fewer blocks feed fewer tokens);
+    ``kv_multiple_choice=False`` leaves out the ``ps_kv_mc_*`` tasks (each query's context is a separate pass). ``doc_tokens``: bpb document size (default ``seq_len - 1``,
+    so ``[eos] + doc`` is one training-length window). ``part=(k, n)``: draw only from held-out files and synthetic
+    blocks whose index is ``k`` modulo ``n``, so packs built with other ``k`` hold disjoint samples (evaluation-noise
+    estimates re-score placements on another part). Returns (and writes) the manifest ``pack.json``, keeping
     a teacher-trace task already built there.
     """
+    k_part, n_part = _check_part(part)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -183,7 +198,7 @@ def build_task_pack(
     tasks: list[TaskInfo] = []
 
     # held-out code, bits per byte
-    chunks = [c for text in files for c in _chunks(text, tokenizer, doc_tokens)]
+    chunks = [c for f, text in enumerate(files) if f % n_part == k_part for c in _chunks(text, tokenizer, doc_tokens)]
     rows = [{"text": chunks[i]} for i in _pick(len(chunks), bpb_docs, rng)]
     tasks.append(_write_task(out, "ps_code_bpb", rows, {
         "output_type": "loglikelihood_rolling",
@@ -201,8 +216,13 @@ def build_task_pack(
         block_values.setdefault(b, []).append(v)
     all_values = sorted(set(values))
     dist = corpus.kv_distance
+    eligible = corpus.kv_block % n_part == k_part
+    if kv_blocks is not None:
+        candidates_b = np.unique(corpus.kv_block[eligible])
+        keep = candidates_b[_pick(len(candidates_b), kv_blocks, rng)]
+        eligible &= np.isin(corpus.kv_block, keep)
     for lo, hi in distance_bins(window, seq_len):
-        members = np.flatnonzero((dist >= lo) & (dist < hi))
+        members = np.flatnonzero((dist >= lo) & (dist < hi) & eligible)
         chosen = [int(members[i]) for i in _pick(len(members), kv_queries_per_bin, rng)]
         ll_rows, mc_rows = [], []
         for q in chosen:
@@ -225,15 +245,16 @@ def build_task_pack(
             "output_type": "loglikelihood", "doc_to_text": "context", "doc_to_target": "value",
             "target_delimiter": "", "metric_list": [{"metric": "perplexity"}, {"metric": "acc"}],
         }, "perplexity,none", False))  # fmt: skip
-        tasks.append(_write_task(out, f"ps_kv_mc_{name}", mc_rows, {
-            "output_type": "multiple_choice", "doc_to_text": "context", "doc_to_choice": "choices",
-            "doc_to_target": "label", "target_delimiter": "", "metric_list": [{"metric": "acc"}],
-        }, "acc,none", True))  # fmt: skip
+        if kv_multiple_choice:
+            tasks.append(_write_task(out, f"ps_kv_mc_{name}", mc_rows, {
+                "output_type": "multiple_choice", "doc_to_text": "context", "doc_to_choice": "choices",
+                "doc_to_target": "label", "target_delimiter": "", "metric_list": [{"metric": "acc"}],
+            }, "acc,none", True))  # fmt: skip
 
     # next line of held-out code, multiple choice
     lines = [t.splitlines(keepends=True) for t in files]
     good = [[i for i, ln in enumerate(ls) if len(ln.strip()) >= 8 and ln.endswith("\n")] for ls in lines]
-    candidates = [(f, i) for f, idx in enumerate(good) for i in idx if i >= 2]
+    candidates = [(f, i) for f, idx in enumerate(good) if f % n_part == k_part for i in idx if i >= 2]
     mc_rows = []
     if len(files) >= 2:
         for k in _pick(len(candidates), mc_docs, rng):
@@ -257,8 +278,10 @@ def build_task_pack(
     }, "acc,none", True))  # fmt: skip
 
     settings = {"window": window, "seq_len": seq_len, "bpb_docs": bpb_docs, "doc_tokens": doc_tokens,
-                "kv_queries_per_bin": kv_queries_per_bin, "kv_choices": kv_choices, "mc_docs": mc_docs,
-                "mc_choices": mc_choices, "mc_context_lines": mc_context_lines, "seed": seed}  # fmt: skip
+                "kv_queries_per_bin": kv_queries_per_bin, "kv_blocks": kv_blocks,
+                "kv_multiple_choice": kv_multiple_choice, "kv_choices": kv_choices, "mc_docs": mc_docs,
+                "mc_choices": mc_choices, "mc_context_lines": mc_context_lines, "seed": seed,
+                "part": [k_part, n_part]}  # fmt: skip
     return _update_manifest(out, tasks, {"corpus": settings}, keep=[TEACHER_TASK])
 
 
@@ -274,6 +297,31 @@ def _update_manifest(out: Path, tasks: list[TaskInfo], settings: dict[str, Any],
     }
     write_json_atomic(out / MANIFEST, manifest)
     return manifest
+
+
+def write_relocated_yamls(pack_dir: str | os.PathLike[str], dest: str | os.PathLike[str]) -> list[str]:
+    """Copy the pack's task YAMLs into ``dest`` with their data paths pointing at the pack's JSONL files where the
+    pack lives now (a pack's YAMLs hold absolute paths, which break when the pack is moved or shipped); checks
+    each data file's SHA-256 against ``pack.json``. Returns the task names."""
+    pack = Path(pack_dir)
+    manifest = load_pack_manifest(pack)
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    names = []
+    for task in manifest["tasks"]:
+        src = pack / f"{task['name']}.yaml"
+        data = (pack / task["data_file"]).resolve()
+        if not src.is_file() or not data.is_file():
+            raise PlacementSearchError(f"{pack}: task {task['name']} lacks {src.name if not src.is_file() else data.name}")
+        if _sha256(data) != task["sha256"]:
+            raise PlacementSearchError(f"{data}: SHA-256 differs from {MANIFEST} (edited or corrupt task data)")
+        doc = yaml.safe_load(src.read_text(encoding="utf-8"))
+        if not isinstance(doc, dict) or doc.get("task") != task["name"]:
+            raise PlacementSearchError(f"{src}: not the YAML of task {task['name']}")
+        doc["dataset_kwargs"] = {**(doc.get("dataset_kwargs") or {}), "data_files": {"validation": str(data)}}
+        (dest / src.name).write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+        names.append(task["name"])
+    return names
 
 
 def load_pack_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -301,11 +349,13 @@ def build_teacher_traces(
     placement: Sequence[str] | str | None = None,
     batch_size: int = 16,
     seed: int = 0,
+    part: tuple[int, int] = (0, 1),
 ) -> TaskInfo:
     """Generate greedy continuations with ``placement`` (default: attention in every layer) and write the
     ``ps_teacher_trace`` task: context = prompt text, target = continuation text.
 
-    Prompts are the first ``prompt_tokens`` tokens of held-out blocks chosen with ``seed``; each prompt is re-encoded
+    Prompts are the first ``prompt_tokens`` tokens of held-out blocks chosen with ``seed`` among those whose index is
+    ``k`` modulo ``n`` (``part=(k, n)``, as in :func:`build_task_pack`); each prompt is re-encoded
     from its text (``[eos] + encode(text)``), as the scoring side will encode it, before generating.
     """
     out = Path(out_dir)
@@ -315,8 +365,10 @@ def build_teacher_traces(
     previous = model.placement
     names = model.set_placement(placement)
     eos = int(tokenizer.eos_token_id)
+    k_part, n_part = _check_part(part)
     held = corpus.heldout_blocks()
-    picks = _pick(len(held), prompts, np.random.default_rng(seed))
+    allowed = [i for i in range(len(held)) if i % n_part == k_part]
+    picks = [allowed[j] for j in _pick(len(allowed), prompts, np.random.default_rng(seed))]
     texts = [tokenizer.decode(held[i, 1 : 1 + prompt_tokens].tolist()) for i in picks]
     encoded = [[eos, *tokenizer.encode(t, add_special_tokens=False)] for t in texts]
     rows: list[dict[str, Any]] = [{} for _ in texts]
@@ -326,10 +378,10 @@ def build_teacher_traces(
     try:
         for length, idx in sorted(by_len.items()):
             for s in range(0, len(idx), batch_size):
-                part = idx[s : s + batch_size]
-                x = torch.tensor([encoded[i] for i in part], dtype=torch.long, device=model.device)
+                chunk = idx[s : s + batch_size]
+                x = torch.tensor([encoded[i] for i in chunk], dtype=torch.long, device=model.device)
                 gen = model.generate(x, new_tokens)[:, length:].tolist()
-                for i, row in zip(part, gen, strict=True):
+                for i, row in zip(chunk, gen, strict=True):
                     rows[i] = {"context": texts[i], "continuation": tokenizer.decode(row), "prompt_block": int(picks[i])}
     finally:
         model.set_placement(list(previous))
@@ -339,7 +391,7 @@ def build_teacher_traces(
         "target_delimiter": "", "metric_list": [{"metric": "perplexity"}, {"metric": "acc"}],
     }, "perplexity,none", False)  # fmt: skip
     settings = {"prompts": prompts, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
-                "placement": list(names), "seed": seed}  # fmt: skip
+                "placement": list(names), "seed": seed, "part": [k_part, n_part]}  # fmt: skip
     old = load_pack_manifest(out)["tasks"] if (out / MANIFEST).is_file() else []
     others = [TaskInfo(**t) for t in old if t["name"] != TEACHER_TASK]
     _update_manifest(out, [*others, info], {"teacher": settings}, keep=[])
