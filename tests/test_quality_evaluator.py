@@ -327,3 +327,48 @@ def test_dataset_run_final_noise_and_snapshots(pack: dict, tmp_path: Path) -> No
     assert meta["placements"]["ckpt/a"] == n_final and meta["noise"]["placements"] == n_noise
     with pytest.raises(Exception, match="no such dataset table"):
         load_dataset(tmp_path / "missing.csv.gz")
+
+
+def test_verify_presets_reports_and_extends_the_table(
+    pack: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from placement_search.cli import main
+    from placement_search.presets import (
+        BatchPolicy,
+        Conditions,
+        Figures,
+        Preset,
+        PresetFile,
+        Quality,
+        Throughput,
+        read_presets,
+        write_presets,
+    )
+    from placement_search.verify import verify_presets
+
+    spec = pack["model"].spec
+    space = spec.search_space
+    cond = Conditions(4096, BatchPolicy("max_fit"), "H200", 140.0)
+    presets = [Preset(name, Placement.parse(code, space), level,
+                      Figures(Quality("score", q, std=0.05), Throughput(1000.0 * level, speedup=level)), cond)
+               for name, code, level, q in (("2x", "gdn,kda", 2.0, 0.9), ("3x", "sliding_window,gdn", 3.0, 0.8))]  # fmt: skip
+    pfile = write_presets(PresetFile.create(spec, presets), tmp_path / "presets.json")
+    table = tmp_path / "evals.csv"
+    table.write_text("placement,sampler,score\nAA,structured,1.0\n\"gdn,kda\",uniform,0.5\n")
+    res = verify_presets(pfile, pack["ckpt"], pack["tasks"], out=tmp_path / "v", evaluations=table, progress=False)
+    rep = res.report.set_index("preset")
+    assert list(rep.index) == ["2x", "3x"] and rep.measured_quality.gt(0).all()
+    assert rep.z.to_dict() == pytest.approx(((rep.measured_quality - rep.predicted_quality) / 0.05).to_dict())
+    assert rep.measured_tokens_per_s.isna().all()  # no --measure-throughput: quality only
+    verified = read_presets(res.paths["presets"])
+    assert verified["2x"].measured.quality.value == pytest.approx(rep.measured_quality["2x"])
+    extended = pd.read_csv(res.paths["evaluations"], dtype=str)
+    assert len(extended) == 3 and extended.sampler.tolist()[-1] == "verified"  # gdn,kda was already there
+    assert float(extended.score.iloc[-1]) == pytest.approx(rep.measured_quality["3x"], rel=1e-6)
+    # the CLI prints the comparison; --refit without a table is a one-line error
+    assert main(["verify", str(pfile), "--checkpoint", str(pack["ckpt"]), "--tasks", str(pack["tasks"]),
+                 "--out", str(tmp_path / "v2"), "--quiet"]) == 0  # fmt: skip
+    assert "measured_quality" in capsys.readouterr().out
+    assert main(["verify", str(pfile), "--checkpoint", str(pack["ckpt"]), "--tasks", str(pack["tasks"]),
+                 "--refit"]) == 2  # fmt: skip
+    assert "needs --evaluations" in capsys.readouterr().err

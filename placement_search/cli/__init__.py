@@ -25,6 +25,7 @@ VERBS: list[str] = [
     "placement_search.cli.fit",
     "placement_search.cli.evaluate",
     "placement_search.cli.optimize",
+    "placement_search.cli.verify",
 ]
 
 
