@@ -352,6 +352,13 @@ def main(argv: list[str] | None = None) -> int:
             {"o": (o, o_ref), "state": (s, s_ref)},
             ms,
         )
+        if has_fla:  # the gated delta rule through fla's KDA kernels (devnet training and evaluation path)
+            o2, s2 = K.gated_delta_rule(x["q"], x["k"], x["v"], x["g"], x["beta"], initial_state=x["h0"],
+                                        output_final_state=True, backend="fla_kda")  # fmt: skip
+            ms2 = timed(lambda: K.gated_delta_rule(x["q"], x["k"], x["v"], x["g"], x["beta"], initial_state=x["h0"],
+                                                   output_final_state=True, backend="fla_kda"), dev)  # fmt: skip
+            chk.record("gated_delta_rule", "fla_kda: chunk_kda on gdn_as_kda inputs (HV=4*HK, h0)",
+                       f"q[{B},{T},{HK},{D}] v[{B},{T},{HV},{D}]", {"o": (o2, o_ref), "state": (s2, s_ref)}, ms2)  # fmt: skip
         # prefill T-1 tokens with the GPU chunk kernel, then one fused-recurrent step: equals the full reference
         _, s_p = K.gated_delta_rule(
             x["q"][:, :-1],

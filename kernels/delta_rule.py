@@ -232,6 +232,40 @@ def gdn_as_kda(q: Tensor, k: Tensor, g: Tensor) -> tuple[Tensor, Tensor, Tensor]
     return q, k, gx[..., None].expand(*g.shape, k.shape[-1])
 
 
+def fla_kda(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    beta: Tensor,
+    *,
+    scale: float,
+    initial_state: Tensor | None,
+    output_final_state: bool,
+    use_qk_l2norm: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """fla's KDA (CUDA only): ``chunk_kda``, or ``fused_recurrent_kda`` when T == 1.
+
+    q, k ``[B, T, H, DK]``, v ``[B, T, HV, DV]``, g ``[B, T, HV, DK]`` fp32 log decay, beta ``[B, T, HV]``,
+    initial_state ``[B, HV, DK, DV]`` fp32 or None -> ``(o [B, T, HV, DV], final state or None)``.
+    """
+    mod = fla_module("kda")
+    init = None if initial_state is None else initial_state.float().contiguous()
+    fn = mod.fused_recurrent_kda if q.shape[1] == 1 else mod.chunk_kda
+    o, final = fn(
+        q.contiguous(),
+        k.contiguous(),
+        v.contiguous(),
+        g=g.float().contiguous(),
+        beta=beta.contiguous(),
+        scale=scale,
+        initial_state=init,
+        output_final_state=output_final_state,
+        use_qk_l2norm_in_kernel=use_qk_l2norm,
+    )
+    return o, (final if output_final_state else None)
+
+
 def gated_delta_rule(
     q: Tensor,
     k: Tensor,
@@ -267,11 +301,9 @@ def gated_delta_rule(
     scale = _default_scale(scale, k.shape[-1])
     resolved = resolve_linear_backend(backend, q.device)
     if resolved == "fla_kda":
-        from .kda import kda
-
         qx, kx, gx = gdn_as_kda(q, k, g)
-        return kda(qx, kx, v, gx, beta, scale=scale, initial_state=initial_state,
-                   output_final_state=output_final_state, use_qk_l2norm=use_qk_l2norm, backend="fla")  # fmt: skip
+        return fla_kda(qx, kx, v, gx, beta, scale=scale, initial_state=initial_state,
+                       output_final_state=output_final_state, use_qk_l2norm=use_qk_l2norm)  # fmt: skip
     if resolved == "fla":
         mod = fla_module("gated_delta_rule")
         init = None if initial_state is None else initial_state.float().contiguous()

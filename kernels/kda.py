@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .backend import fla_module, resolve_linear_backend, resolve_step_backend
-from .delta_rule import _default_scale, chunk_delta_rule, delta_rule_step_torch, naive_delta_rule
+from .delta_rule import _default_scale, chunk_delta_rule, delta_rule_step_torch, fla_kda, naive_delta_rule
 
 
 def kda_gate(f: Tensor, A_log: Tensor, dt_bias: Tensor, heads: int) -> Tensor:
@@ -72,21 +72,8 @@ def kda(
     scale = _default_scale(scale, k.shape[-1])
     resolved = resolve_linear_backend(backend, q.device)
     if resolved in ("fla", "fla_kda"):  # "fla_kda" (GDN through KDA's kernels) is plain "fla" for KDA
-        mod = fla_module("kda")
-        init = None if initial_state is None else initial_state.float().contiguous()
-        fn = mod.fused_recurrent_kda if q.shape[1] == 1 else mod.chunk_kda
-        o, final = fn(
-            q.contiguous(),
-            k.contiguous(),
-            v.contiguous(),
-            g=g.float().contiguous(),
-            beta=beta.contiguous(),
-            scale=scale,
-            initial_state=init,
-            output_final_state=output_final_state,
-            use_qk_l2norm_in_kernel=use_qk_l2norm,
-        )
-        return o, (final if output_final_state else None)
+        return fla_kda(q, k, v, g, beta, scale=scale, initial_state=initial_state,
+                       output_final_state=output_final_state, use_qk_l2norm=use_qk_l2norm)  # fmt: skip
     impl = naive_delta_rule if resolved == "naive" else chunk_delta_rule
     return impl(
         q,
