@@ -372,24 +372,22 @@ def _write_outputs(
 
 
 def _plot(front: pd.DataFrame, picks: pd.DataFrame, target: str, speed: Any, handle: Any) -> None:
-    import matplotlib
+    # a Figure with its own Agg canvas: no pyplot state, and the caller's backend (a notebook's inline) is left alone
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
-    try:
-        ax.step(front["speedup"], front["quality"], where="post", color="0.6", lw=1, zorder=1)
-        ax.scatter(front["speedup"], front["quality"], s=10, color="tab:blue", label="front", zorder=2)
-        ax.scatter(picks["speedup"], picks["quality"], s=60, marker="*", color="tab:red", label="presets", zorder=3)
-        for _, row in picks.iterrows():
-            ax.annotate(f"{row['level']:g}x", (row["speedup"], row["quality"]), textcoords="offset points",
-                        xytext=(4, 4), fontsize=8)
-        ax.set_xlabel(f"decode speed-up over all-attention (context {speed.context}, {speed.policy})")
-        ax.set_ylabel(f"predicted {target}")
-        ax.grid(alpha=0.3)
-        ax.legend(loc="best")
-        fig.tight_layout()
-        fig.savefig(handle, format="png")
-    finally:
-        plt.close(fig)
+    fig = Figure(figsize=(7, 4.5), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.step(front["speedup"], front["quality"], where="post", color="0.6", lw=1, zorder=1)
+    ax.scatter(front["speedup"], front["quality"], s=10, color="tab:blue", label="front", zorder=2)
+    ax.scatter(picks["speedup"], picks["quality"], s=60, marker="*", color="tab:red", label="presets", zorder=3)
+    for _, row in picks.iterrows():
+        ax.annotate(f"{row['level']:g}x", (row["speedup"], row["quality"]), textcoords="offset points",
+                    xytext=(4, 4), fontsize=8)
+    ax.set_xlabel(f"decode speed-up over all-attention (context {speed.context}, {speed.policy})")
+    ax.set_ylabel(f"predicted {target}")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best")
+    fig.tight_layout()
+    fig.savefig(handle, format="png")
