@@ -298,6 +298,21 @@ def main(argv: list[str] | None = None) -> int:
                 {"o": (out_g, ref)},
                 ms_g,
             )
+            # the split-K Triton kernel (bf16 tensor-core dots: only checkable here, not in the CPU interpreter)
+            out_t = K.attention_decode(qd, kc, vc, valid, scale=scale, backend="triton")
+            ms_t = timed(
+                lambda qd=qd, kc=kc, vc=vc, valid=valid: K.attention_decode(
+                    qd, kc, vc, valid, scale=scale, backend="triton"
+                ),
+                dev,
+            )
+            chk.record(
+                "attention_decode",
+                f"triton: split-K flash decoding ({label})",
+                f"q[{BD},1,{H},{D}] cache[{BD},{cache_len},{HKV},{D}]",
+                {"o": (out_t, ref)},
+                ms_t,
+            )
             chk.record(
                 "attention_decode",
                 f"sdpa: SDPA enable_gqa bool mask ({label})",

@@ -161,6 +161,11 @@ class Campaign:
         meta["model"] = self.spec.name
         meta["config_hash"] = self.spec.config_hash
         meta["overheads"] = OVERHEADS.to_dict()
+        if args.attention_decode:
+            from placement_search.kernels import backend as kb
+
+            kb.AUTO_CUDA_DECODE_BACKEND = args.attention_decode
+        meta["attention_decode"] = args.attention_decode or "auto (sdpa)"
         self.raw: dict[str, Any] = {
             "meta": meta,
             "ceilings": {},
@@ -538,6 +543,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--placements", type=int, default=24)
     ap.add_argument("--seed", type=int, default=2026)
     ap.add_argument("--grid", choices=("dense", "sparse"), default="dense", help="batch grid of the pieces")
+    ap.add_argument("--attention-decode", choices=("sdpa", "sdpa_grouped", "triton"), default=None,
+                    help="decode attention kernel of every model built here (default: the runtime's auto, sdpa)")
     ap.add_argument("--thin-labels", default="", help="comma list of engine placements for 'thin' (default all)")
     ap.add_argument("--prefill-labels", default="", help="comma list of engine placements for 'prefill'")
     ap.add_argument("--build-from", default=None,

@@ -211,7 +211,8 @@ def attention_decode(
         backend: ``"auto"`` (CUDA: ``"sdpa"``; CPU: ``"reference"``), ``"reference"`` (explicit fp32 softmax),
             ``"sdpa"`` (SDPA, ``enable_gqa``, boolean mask), ``"sdpa_grouped"`` (SDPA without ``enable_gqa``: the
             G query heads of a KV head as G query rows; exact as well, speed differs by size, see
-            benchmarks/check_gpu_kernels.py).
+            benchmarks/check_gpu_kernels.py), ``"triton"`` (split-K Triton kernel, :func:`triton_decode_splits`;
+            not the default until measured on the GPU).
 
     Returns:
         ``[B, 1, H, D]`` in q.dtype.
@@ -225,7 +226,61 @@ def attention_decode(
         return _reference_attention(q, k_cache, v_cache, mask, scale)
     if resolved == "sdpa_grouped":
         return _sdpa_decode_grouped(q, k_cache, v_cache, mask, scale=scale)
+    if resolved == "triton":
+        return _triton_decode(q, k_cache, v_cache, valid, scale=scale)
     return _sdpa(q, k_cache, v_cache, scale=scale, is_causal=False, attn_mask=mask)
+
+
+#: Keys per inner step of the Triton decode kernel; programs per SM the split count aims for.
+TRITON_DECODE_BLOCK_S = 64
+TRITON_DECODE_PROGRAMS_PER_SM = 4
+
+
+def triton_decode_splits(batch: int, kv_heads: int, slots: int, sms: int) -> tuple[int, int]:
+    """``(splits, slots per split)`` of the Triton decode kernel: enough programs (``batch * kv_heads * splits``)
+    for ``TRITON_DECODE_PROGRAMS_PER_SM`` per SM, each split a whole number of ``TRITON_DECODE_BLOCK_S`` slots."""
+    blk = TRITON_DECODE_BLOCK_S
+
+    def cdiv(a: int, b: int) -> int:
+        return -(-a // b)
+
+    splits = max(1, min(cdiv(slots, blk), cdiv(TRITON_DECODE_PROGRAMS_PER_SM * sms, max(1, batch * kv_heads))))
+    per = cdiv(cdiv(slots, splits), blk) * blk
+    return cdiv(slots, per), per
+
+
+def _triton_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, valid: Tensor, *, scale: float) -> Tensor:
+    """Split-K Triton decode (:mod:`._attention_decode_triton`); shapes as :func:`attention_decode`."""
+    from . import _attention_decode_triton as tri
+
+    B, _, H, D = q.shape
+    S, Hkv = k_cache.shape[1], k_cache.shape[2]
+    G = H // Hkv
+    if D & (D - 1) or D < 16:
+        raise ValueError(f"decode backend 'triton' needs a power-of-two head size >= 16, got {D}")
+    if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("decode backend 'triton' needs the head dimension contiguous")
+    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        raise ValueError(f"decode backend 'triton' needs one dtype, got q {q.dtype}, k {k_cache.dtype}, v {v_cache.dtype}")
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 8
+    splits, per = triton_decode_splits(B, Hkv, S, sms)
+    gp = max(16, 1 << (G - 1).bit_length())
+    ok = valid.contiguous().view(torch.uint8) if valid.dtype == torch.bool else valid.ne(0).view(torch.uint8)
+    rows = B * Hkv * splits * gp
+    m = torch.empty(rows, device=q.device, dtype=torch.float32)
+    l_sum = torch.empty(rows, device=q.device, dtype=torch.float32)
+    acc = torch.empty(rows, D, device=q.device, dtype=torch.float32)
+    out = torch.empty_like(q)
+    ieee = q.dtype == torch.float32 or not q.is_cuda  # fp32 dots (the interpreter's bf16 dot is broken)
+    tri._decode_split_kernel[(B, Hkv, splits)](
+        q, k_cache, v_cache, ok, m, l_sum, acc, S, per,
+        q.stride(0), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), ok.stride(0), float(scale),
+        HKV=Hkv, NSPLIT=splits, G=G, GP=gp, D=D, BLOCK_S=TRITON_DECODE_BLOCK_S, IEEE=ieee,
+    )  # fmt: skip
+    tri._decode_merge_kernel[(B, Hkv)](m, l_sum, acc, out, out.stride(0), out.stride(2),
+                                       HKV=Hkv, NSPLIT=splits, G=G, GP=gp, D=D)  # fmt: skip
+    return out
 
 
 def _sdpa_decode_grouped(

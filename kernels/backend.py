@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import os
 from types import ModuleType
 
 import torch
@@ -20,7 +21,9 @@ import torch
 LINEAR_BACKENDS = ("auto", "naive", "chunk", "fla", "fla_kda")
 STEP_BACKENDS = ("auto", "naive", "chunk", "fla")
 ATTENTION_BACKENDS = ("auto", "reference", "sdpa", "flex")
-DECODE_BACKENDS = ("auto", "reference", "sdpa", "sdpa_grouped")
+DECODE_BACKENDS = ("auto", "reference", "sdpa", "sdpa_grouped", "triton")
+#: What ``"auto"`` decode attention means on CUDA (``benchmarks/measure_decode.py --attention-decode`` sets it).
+AUTO_CUDA_DECODE_BACKEND = "sdpa"
 
 
 @functools.cache
@@ -81,8 +84,11 @@ def resolve_attention_backend(backend: str, device: torch.device, *, windowed: b
 
 
 def resolve_decode_backend(backend: str, device: torch.device) -> str:
-    """Resolve a decode attention backend to ``"reference"``, ``"sdpa"`` or ``"sdpa_grouped"``."""
+    """Resolve a decode attention backend to ``"reference"``, ``"sdpa"``, ``"sdpa_grouped"`` or ``"triton"``
+    (split-K Triton kernel; on CPU tensors only in Triton's interpreter, ``TRITON_INTERPRET=1``)."""
     _check(backend, DECODE_BACKENDS, "decode attention")
     if backend == "auto":
-        return "sdpa" if device.type == "cuda" else "reference"
+        return AUTO_CUDA_DECODE_BACKEND if device.type == "cuda" else "reference"
+    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("decode backend 'triton' on CPU tensors needs TRITON_INTERPRET=1 (Triton's interpreter)")
     return backend

@@ -1,0 +1,89 @@
+"""The split-K Triton decode attention (``attention_decode(..., backend="triton")``) against the fp32 reference.
+
+Run in Triton's interpreter in a child process (``TRITON_INTERPRET=1`` must be set before triton is imported; see
+tests/test_kernels_fused_decode.py). Cases: grouped query heads (G = 1, 4, 8), slot counts that are not a multiple
+of the 64-slot block, several splits, random holes in ``valid`` (the SWA ring buffer and ragged full caches), and a
+row whose only valid slots lie in the first split (later splits are fully masked and must merge as empty).
+
+Tolerances (norm-wise relative error): fp32 1e-5 (same fp32 math in another summation order; observed ~3e-7).
+bf16 caches 1e-2: the output is rounded to bf16 (2^-8 = 3.9e-3 per element at most, the reference rounds too, so
+the two differ by at most one ulp where their fp32 values straddle a rounding boundary; observed ~3.8e-3). In the
+interpreter the kernel computes bf16 tiles in fp32 (its bf16 ``tl.dot`` is broken); the bf16 tensor-core dots are
+checked on the GPU by benchmarks/check_gpu_kernels.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TOL = {"float32": 1e-5, "bfloat16": 1e-2}
+# name -> (B, S, H, Hkv, D)
+CASES = {"g4_odd_slots": (3, 100, 8, 2, 32), "g1_small": (2, 37, 4, 4, 16), "g8_many_splits": (2, 300, 8, 1, 32)}
+
+
+def _run_all(seed: int) -> dict[str, float]:
+    import torch
+
+    from placement_search import kernels as K
+
+    g = torch.Generator().manual_seed(seed)
+    out: dict[str, float] = {}
+    for name, (B, S, H, Hkv, D) in CASES.items():
+        for dt in (torch.float32, torch.bfloat16):
+            q = torch.randn(B, 1, H, D, generator=g).to(dt)
+            k = torch.randn(B, S, Hkv, D, generator=g).to(dt)
+            v = torch.randn(B, S, Hkv, D, generator=g).to(dt)
+            valid = torch.rand(B, S, generator=g) < 0.7
+            valid[:, 0] = True
+            valid[-1] = False
+            valid[-1, :5] = True  # the last row's slots all lie in the first split
+            ref = K.attention_decode(q, k, v, valid, scale=D**-0.5, backend="reference")
+            tri = K.attention_decode(q, k, v, valid, scale=D**-0.5, backend="triton")
+            err = float((tri.double() - ref.double()).norm() / ref.double().norm())
+            out[f"{name}-{str(dt).split('.')[-1]}"] = err if bool(torch.isfinite(tri).all()) else float("inf")
+    return out
+
+
+@pytest.fixture(scope="module")
+def results() -> dict[str, float]:
+    pytest.importorskip("triton", reason="triton is in the dev extra; the kernel is tested in its interpreter")
+    seed = int.from_bytes(os.urandom(4), "little") % 1_000_000  # fresh inputs every run; reported on failure
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), str(seed)],
+                          env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return {**json.loads(proc.stdout.strip().splitlines()[-1]), "seed": seed}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_triton_decode_matches_reference(results: dict[str, float], case: str, dtype: str) -> None:
+    assert results[f"{case}-{dtype}"] <= TOL[dtype], results
+
+
+def test_split_plan_and_cpu_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from placement_search.kernels.attention import TRITON_DECODE_BLOCK_S, triton_decode_splits
+    from placement_search.kernels.backend import resolve_decode_backend
+
+    for batch, heads, slots, sms in ((1, 8, 32768, 132), (256, 8, 32768, 132), (3, 2, 100, 8), (1, 1, 5, 132)):
+        splits, per = triton_decode_splits(batch, heads, slots, sms)
+        assert per % TRITON_DECODE_BLOCK_S == 0 and splits * per >= slots > (splits - 1) * per
+        assert splits == 1 or batch * heads * (splits - 1) < 4 * sms  # no more splits than the GPU needs
+    # batch 1: 66 splits wanted (528 programs over 132 SMs), rounded to whole 64-slot blocks: 64 splits of 512
+    assert triton_decode_splits(1, 8, 32768, 132) == (64, 512)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        resolve_decode_backend("triton", torch.device("cpu"))
+
+
+if __name__ == "__main__":
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit("run with TRITON_INTERPRET=1 (the pytest fixture does)")
+    print(json.dumps(_run_all(int(sys.argv[1]) if len(sys.argv) > 1 else 0)))
