@@ -145,9 +145,15 @@ class CampaignTasks:
 
     @classmethod
     def build(
-        cls, task_objects: dict[str, Any], encoder: RequestEncoder, batch_size: int, extra_settings: dict[str, Any]
+        cls,
+        task_objects: dict[str, Any],
+        encoder: RequestEncoder,
+        batch_size: int,
+        extra_settings: dict[str, Any],
+        share_contexts: bool = True,
     ) -> CampaignTasks:
-        """Build every task's requests (lm-eval), encode and pool them, and plan the scoring."""
+        """Build every task's requests (lm-eval), encode and pool them, and plan the scoring
+        (``share_contexts``: see :class:`~placement_search.evaluators.lm_eval_model.ScoringPlan`)."""
         pool: dict[TokenRequest, int] = {}
         plans: dict[str, _TaskPlan] = {}
         settings: dict[str, dict[str, Any]] = {}
@@ -177,7 +183,7 @@ class CampaignTasks:
             settings[name] = s
             plans[name] = _TaskPlan(task, units, reduce, _json_hash(s))
         requests = list(pool)
-        return cls(plans, requests, ScoringPlan(requests, encoder.max_length, batch_size), settings)
+        return cls(plans, requests, ScoringPlan(requests, encoder.max_length, batch_size, share_contexts), settings)
 
     def score(self, model: Any) -> dict[str, tuple[dict[str, float], int]]:
         """Per task: (``{"metric,filter": value}``, documents) under ``model``'s current placement."""
@@ -301,7 +307,10 @@ class Campaign:
         dtype: str = "auto",
         batch_size: int = 16,
         max_length: int | None = None,
+        share_contexts: bool | None = None,
     ) -> None:
+        """``share_contexts`` (default: on CPU only): score requests that share a context from one context pass
+        (:class:`~placement_search.evaluators.lm_eval_model.ScoringPlan`); scores agree either way to rounding."""
         from placement_search.evaluators.tokenizer import load_tokenizer
 
         self.task_spec = str(tasks)
@@ -318,7 +327,8 @@ class Campaign:
             part = load_pack_manifest(self.task_spec).get("settings", {}).get("corpus", {}).get("part")
             if part is not None:
                 extra["pack_part"] = part
-        self.built = CampaignTasks.build(task_objects, self.encoder, batch_size, extra)
+        share = not str(device).startswith("cuda") if share_contexts is None else share_contexts
+        self.built = CampaignTasks.build(task_objects, self.encoder, batch_size, extra, share)
 
     def use_checkpoint(self, checkpoint: str | os.PathLike[str]) -> str:
         """Load ``checkpoint`` (same architecture) for the next :meth:`run` calls; returns its hash."""

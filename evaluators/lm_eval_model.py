@@ -191,9 +191,15 @@ class ScoringPlan:
 
     Decode steps and a full forward add the same terms in a different order, so the two paths agree to float
     rounding (about 1e-6 relative in float32), not bit for bit.
+
+    ``share_contexts=False`` forwards every root whole instead: more tokens, but a few large right-padded batches
+    rather than one prefill per distinct context length plus a decode step per tail token, which on a GPU (where a
+    small model's step is launch-bound) is the faster plan.
     """
 
-    def __init__(self, requests: Sequence[TokenRequest], max_length: int, batch_size: int) -> None:
+    def __init__(
+        self, requests: Sequence[TokenRequest], max_length: int, batch_size: int, share_contexts: bool = True
+    ) -> None:
         self.n = len(requests)
         inputs: list[tuple[int, ...]] = []
         targets: list[tuple[int, ...]] = []
@@ -228,7 +234,9 @@ class ScoringPlan:
         shared = [
             (stem, members)
             for stem, members in groups.items()
-            if len(members) > 1 and len(stem) >= max(len(self.sequences[s]) - len(stem) for s in members)
+            if share_contexts
+            and len(members) > 1
+            and len(stem) >= max(len(self.sequences[s]) - len(stem) for s in members)
         ]
         shared.sort(key=lambda g: (-len(g[0]), g[0]))  # equal context lengths adjacent: one prefill each
         grouped = {s for _, members in shared for s in members}

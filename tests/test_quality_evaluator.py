@@ -132,6 +132,16 @@ def test_shared_context_scored_from_one_context_pass(pack: dict) -> None:
             # decode steps vs one forward: the same sums in another order (float32 rounding, ~1e-6 relative)
             assert ll == pytest.approx(float(rows.gather(-1, torch.tensor(t)[:, None]).sum()), rel=1e-5, abs=1e-5)
             assert greedy == bool((rows.argmax(-1) == torch.tensor(t)).all())
+    # without context sharing (the GPU plan): every request forwarded whole, the same scores
+    from placement_search.evaluators.lm_eval_model import ScoringPlan
+
+    whole = ScoringPlan(requests, SEQ, 4, share_contexts=False)
+    assert not whole.chunks and whole.num_tokens == 40 + 38 + 39 + 38 + 4  # ctx+(60,) is a prefix of ctx+(50, ...)
+    for placement in ["attention,sliding_window", "gdn,kda"]:
+        model.set_placement(placement)
+        a, b = scorer.score(plan), whole.run(model)
+        for (la, ga), (lb, gb) in zip(a, b, strict=True):
+            assert la == pytest.approx(lb, rel=1e-5, abs=1e-5) and ga == gb
 
 
 def test_simple_evaluate_equals_campaign_and_resume(pack: dict, tmp_path: Path) -> None:
