@@ -9,6 +9,9 @@
 # `timeout` so the call ends (and packs what exists) before the device's 10-minute limit even if a stage overran.
 set -uo pipefail
 what=${1:?preflight, call1, call2, finish or dry-run}
+T0=$(date +%s)
+CALL_S=${CALL_S:-570}  # the whole call's budget (the device stops a command at 600 s)
+left() { echo $(( CALL_S - ($(date +%s) - T0) )); }
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/fla_core-0.6.0-*.whl || exit 3
 # the repo's layout installs kernels/, evaluators/, surrogate/, devnet/ under placement_search: mirror it without a build
@@ -51,7 +54,7 @@ case "$what" in
     # the whole run directory stays on this machine under out/gpu/ (ignored, so it survives while the machine is
     # warm) for `finish`, which must be the next call
     log "call 2: preflight + distillation"
-    timeout "${DISTILL_TIMEOUT:-545}" python3 -m placement_search.devnet train --out results/devnet --device cuda \
+    timeout "$(( $(left) - 25 ))" python3 -m placement_search.devnet train --out results/devnet --device cuda \
       --stages corpus,supernet 2>&1 | tee "$OUT/devnet-call2.log"
     rc=${PIPESTATUS[0]}
     log "train exit $rc; packing"
@@ -68,15 +71,17 @@ case "$what" in
     if [ -f out/gpu/devnet/supernet/config.json ]; then
       cp -rn out/gpu/devnet/. results/devnet/
       log "evidence + stability"
-      timeout "${EVIDENCE_TIMEOUT:-180}" python3 -m placement_search.devnet train --out results/devnet --device cuda \
+      timeout "${EVIDENCE_TIMEOUT:-150}" python3 -m placement_search.devnet train --out results/devnet --device cuda \
         --stages corpus,evidence,stability 2>&1 | tee "$OUT/devnet-evidence.log"
       tar -czf "$OUT/devnet-evidence.tgz" -C results/devnet $(cd results/devnet && ls evidence.json evidence.md \
         stability.json stability.md summary.json preflight.json distill-log.jsonl supernet-init.json 2>/dev/null)
       snaps=(--snapshots results/devnet)
     elif [ ! -f results/devnet/supernet/config.json ]; then echo "no supernet here (out/gpu/ is gone, none travelled)"; exit 9; fi
-    log "dataset ${snaps[*]}"
-    timeout "${DATASET_TIMEOUT:-540}" python3 -m placement_search.devnet dataset --supernet results/devnet/supernet \
-      "${snaps[@]}" --work out/gpu/dataset --budget "${DATASET_BUDGET:-420}" --quiet 2>&1 | tee "$OUT/devnet-dataset.log"
+    # the campaigns get what is left of the call, less packing (~10 s) and the packs / model / task set-up (~60 s)
+    budget=$(( $(left) - 75 )); tmo=$(( $(left) - 12 ))
+    log "dataset ${snaps[*]}: budget ${budget} s, timeout ${tmo} s"
+    timeout "$tmo" python3 -m placement_search.devnet dataset --supernet results/devnet/supernet \
+      "${snaps[@]}" --work out/gpu/dataset --budget "$budget" --quiet 2>&1 | tee "$OUT/devnet-dataset.log"
     rc=${PIPESTATUS[0]}
     python3 -c "import sqlite3; c = sqlite3.connect('out/gpu/dataset/devnet.sqlite'); c.execute('PRAGMA wal_checkpoint(TRUNCATE)'); c.close()"
     tar -czf "$OUT/devnet-dataset.tgz" -C out/gpu/dataset devnet.sqlite tasks-a tasks-b $(cd out/gpu/dataset && ls speed.json placements.csv 2>/dev/null)
