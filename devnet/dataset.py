@@ -6,7 +6,8 @@ evaluation noise and the evaluation speed, in one resumable run (one GPU call; `
    generated greedily by the final supernet's all-attention placement after prompts from its own half. Pack A
    scores every placement; pack B re-scores a subset with other samples, which measures the evaluation noise.
 2. **Placements** (:func:`dataset_placements`): the structured families (all-X, periodic, first/last-k), stratified
-   over mixer counts and uniform, deduplicated and interleaved, so that every prefix of the list mixes the three.
+   over mixer counts and uniform, deduplicated and interleaved, so that every prefix of the list mixes the three;
+   all-attention (the retention reference of every score) first, and in the noise and shared sets.
 3. **Campaigns** (:func:`build_dataset`), all into one SQLite database (:mod:`placement_search.evaluators.campaign`,
    keyed by checkpoint hash, placement, task and settings; a rerun skips what is stored): the final checkpoint on
    pack A (every placement), then pack B (``noise`` placements spread over the list), then the intermediate
@@ -127,8 +128,14 @@ def build_dataset(
     space = final.model.spec.search_space
     samplers: dict[Placement, str] = {}
     placements = dataset_placements(space, placement_spec, samplers=samplers)
-    noise_set, shared_set = spread(placements, noise), placements[:shared]
-    rows = [{"order": i, "placement": p.code(), "sampler": samplers[p], "noise_set": p in noise_set,
+    # all-attention, the retention reference of every score, comes first: in every set, whatever the deadline
+    ref = Placement(["attention"] * space.num_layers, space)
+    samplers.setdefault(ref, "structured")
+    placements = [ref, *(p for p in placements if p != ref)]
+    noise_set = [ref, *spread(placements[1:], noise - 1)] if noise > 0 else []
+    shared_set = placements[:shared]
+    in_noise = set(noise_set)
+    rows = [{"order": i, "placement": p.code(), "sampler": samplers[p], "noise_set": p in in_noise,
              "shared_set": i < shared} for i, p in enumerate(placements)]  # fmt: skip
     with atomic_open(Path(db).parent / PLACEMENTS_FILE, "w") as f:
         pd.DataFrame(rows).to_csv(f, index=False)
@@ -203,11 +210,14 @@ def main(args: Any) -> int:
     print(f"packs ready in {pack_s:.1f} s: {', '.join(str(p) for p in packs.values())}", flush=True)
     record = build_dataset(supernet, snapshots, packs, out / "devnet.sqlite", device=args.device,
                            batch_size=args.batch_size, budget_s=args.budget - pack_s, noise=args.noise,
-                           shared=args.shared, progress=not args.quiet)  # fmt: skip
+                           shared=args.shared, placement_spec=args.placements or PLACEMENT_SPEC,
+                           progress=not args.quiet)  # fmt: skip
     record["pack_build_seconds"] = round(pack_s, 1)
     record["kernel_paths"] = backends
     record["snapshots"] = [p.name for p in snapshots]
     record["supernet_config"] = load_json(supernet / "config.json").get("name", str(supernet))
+    record["placement_spec"] = args.placements or PLACEMENT_SPEC
+    record["final_checkpoint"] = supernet.name
     write_json_atomic(out / "speed.json", record)
     print(f"{record['placements_per_second']} placements/s; {record['scored_tokens_per_placement']} scored and "
           f"{record['fed_tokens_per_placement']} fed tokens per placement -> {out / 'speed.json'}", flush=True)  # fmt: skip
@@ -224,8 +234,9 @@ def export(work: str | Path, out: str | Path) -> int:
     listing = work / PLACEMENTS_FILE
     paths = export_dataset(work / "devnet.sqlite", work / "tasks-a", out,
                            placements_csv=listing if listing.is_file() else None,
-                           provenance={"run": speed, "pack_settings": PACK_SETTINGS, "trace_settings": TRACE_SETTINGS,
-                                       "placement_spec": PLACEMENT_SPEC})  # fmt: skip
+                           provenance={"run": speed, "pack_settings": PACK_SETTINGS,
+                                       "trace_settings": TRACE_SETTINGS},
+                           final_checkpoint=(speed or {}).get("final_checkpoint", "supernet"))  # fmt: skip
     for key, path in paths.items():
         print(f"{key}: {path}")
     return 0

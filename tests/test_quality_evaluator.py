@@ -382,3 +382,21 @@ def test_verify_presets_reports_and_extends_the_table(
     assert main(["verify", str(pfile), "--checkpoint", str(pack["ckpt"]), "--tasks", str(pack["tasks"]),
                  "--refit"]) == 2  # fmt: skip
     assert "needs --evaluations" in capsys.readouterr().err
+
+
+def test_dataset_commands(pack: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from placement_search.devnet.__main__ import main as devnet_main
+    from placement_search.evaluators.dataset import load_dataset
+
+    work, tables = tmp_path / "work", tmp_path / "tables"
+    assert devnet_main(["dataset", "--supernet", str(pack["ckpt"]), "--devnet", str(pack["root"] / "corpus"),
+                        "--work", str(work), "--device", "cpu", "--batch-size", "8", "--noise", "2", "--shared", "0",
+                        "--placements", "structured:40,uniform:2", "--quiet"]) == 0  # fmt: skip
+    speed = json.loads((work / "speed.json").read_text())
+    assert speed["final_checkpoint"] == "ckpt" and speed["placements_per_second"] > 0
+    assert speed["scored_tokens_per_placement"] > 0 and speed["fed_tokens_per_placement"] > 0
+    assert devnet_main(["dataset-export", "--work", str(work), "--out", str(tables)]) == 0
+    long = load_dataset(tables / "devnet-evaluations.csv.gz")
+    final = pd.read_csv(tables / "devnet-final.csv", dtype={"placement": str})
+    assert len(final) == long[long.sample_set == "a"].placement.nunique() == speed["placements_planned"]
+    assert {"placement", "sampler", "score"} <= set(final.columns) and final.score.notna().all()
