@@ -359,7 +359,8 @@ class Campaign:
     ) -> CampaignSummary:
         """Evaluate ``placements`` under the current checkpoint, storing each as it finishes.
 
-        ``max_seconds``: start no new placement after this many seconds (the rest stay for a rerun).
+        ``max_seconds``: start no new placement after this many seconds (the rest stay for a rerun); a positive
+        budget always evaluates at least one placement, 0 none.
         ``on_placement(i, placement)`` is called after placement ``i`` is committed (progress hooks, tests).
         """
         from tqdm import tqdm
@@ -379,8 +380,8 @@ class Campaign:
             todo = [p for p in chosen if any((p.code(), n, tp.settings_hash) not in done for n, tp in built.tasks.items())]
             start = time.perf_counter()
             for i, p in enumerate(tqdm(todo, desc=desc, unit="placement", disable=not progress)):
-                if max_seconds is not None and time.perf_counter() - start >= max_seconds:
-                    break
+                if max_seconds is not None and (max_seconds <= 0 or (i and time.perf_counter() - start >= max_seconds)):
+                    break  # a positive budget always buys the first placement, so repeated runs make progress
                 t0 = time.perf_counter()
                 model.set_placement(p)
                 scored = built.score(model)

@@ -400,3 +400,17 @@ def test_dataset_commands(pack: dict, tmp_path: Path, capsys: pytest.CaptureFixt
     final = pd.read_csv(tables / "devnet-final.csv", dtype={"placement": str})
     assert len(final) == long[long.sample_set == "a"].placement.nunique() == speed["placements_planned"]
     assert {"placement", "sampler", "score"} <= set(final.columns) and final.score.notna().all()
+
+
+def test_evaluate_cli_budget_and_resume(pack: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from placement_search.cli import main
+
+    db = tmp_path / "e.sqlite"
+    argv = ["evaluate", "--checkpoint", str(pack["ckpt"]), "--tasks", str(pack["tasks"]), "--sample", "uniform:3",
+            "--db", str(db), "--batch-size", "4", "--share-contexts", "no", "--quiet"]  # fmt: skip
+    assert main([*argv, "--max-minutes", "1e-9"]) == 0
+    assert "evaluated 1 placements (0 already done, 2 left for a rerun)" in capsys.readouterr().out
+    assert main(argv) == 0
+    assert "evaluated 2 placements (1 already done)" in capsys.readouterr().out
+    assert main([*argv, "--max-minutes", "0"]) == 2
+    assert "--max-minutes must be > 0" in capsys.readouterr().err

@@ -32,6 +32,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--batch-size", type=int, default=16, metavar="N", help="sequences per forward (default 16)")
     p.add_argument("--max-length", type=int, default=None, metavar="N", help="longest sequence (default: config)")
+    p.add_argument("--max-minutes", type=float, default=None, metavar="M",
+                   help="start no placement after M minutes (the rest stays for a rerun, which resumes)")
+    p.add_argument("--share-contexts", choices=["auto", "yes", "no"], default="auto",
+                   help="score requests sharing a context (multiple choice) from one context pass; "
+                        "auto: on CPU only (default)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -44,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         raise PlacementSearchError(f"{ckpt}: not a checkpoint directory (no config.json)")
     if args.batch_size < 1:
         raise PlacementSearchError(f"--batch-size must be >= 1, got {args.batch_size}")
-    from placement_search.evaluators.campaign import resolve_tasks, run_campaign, sample_placements
+    from placement_search.evaluators.campaign import Campaign, resolve_tasks, sample_placements
     from placement_search.files import load_json
     from placement_search.placement import load_placements
     from placement_search.spec import ModelSpec
@@ -55,10 +60,17 @@ def run(args: argparse.Namespace) -> int:
         placements = load_placements(args.placements, space)
     else:
         placements = sample_placements(space, args.sample, args.seed)
-    summary = run_campaign(ckpt, args.tasks, placements, args.db, device=args.device, dtype=args.dtype,
-                           batch_size=args.batch_size, max_length=args.max_length, progress=not args.quiet)  # fmt: skip
+    if args.max_minutes is not None and args.max_minutes <= 0:
+        raise PlacementSearchError(f"--max-minutes must be > 0, got {args.max_minutes}")
+    share = {"auto": None, "yes": True, "no": False}[args.share_contexts]
+    campaign = Campaign(ckpt, args.tasks, args.db, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
+                        max_length=args.max_length, share_contexts=share)  # fmt: skip
+    summary = campaign.run(placements, progress=not args.quiet,
+                           max_seconds=None if args.max_minutes is None else 60 * args.max_minutes)  # fmt: skip
+    left = f", {summary.left} left for a rerun" if summary.left else ""
+    rate = f" ({summary.placements_per_second:.2f}/s)" if summary.evaluated else ""
     sys.stdout.write(
-        f"evaluated {summary.evaluated} placements ({summary.skipped} already done) in {summary.seconds:.1f} s"
-        f" -> {args.db}\n"
+        f"evaluated {summary.evaluated} placements ({summary.skipped} already done{left}) in {summary.seconds:.1f} s"
+        f"{rate}, {summary.scored_tokens_per_placement} scored tokens each -> {args.db}\n"
     )
     return 0
