@@ -8,7 +8,7 @@ of the training step: teacher forward (no grad), student forward and backward un
 The teacher's compute is the all-attention placement's, so the supernet itself (attention placement, a frozen
 copy) stands in for it: timings do not depend on weight values.
 
-    python benchmarks/profile_distill_step.py --supernet results/devnet/supernet --out $OUT/profile.json
+    python benchmarks/profile_distill_step.py --out $OUT/profile.json [--supernet results/devnet/supernet]
 
 Writes JSON (machine, versions, command, date, rows) and prints a table; each row is written as soon as it is
 measured, so a timeout keeps what finished.
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import platform
 import random
 import statistics
@@ -28,15 +29,17 @@ from pathlib import Path
 
 import torch
 
+from placement_search.devnet.config import Settings, model_spec
 from placement_search.devnet.distill import distill_loss
 from placement_search.devnet.preflight import apply_backends
-from placement_search.evaluators import load_supernet
+from placement_search.evaluators import Supernet, load_supernet
 from placement_search.files import write_json_atomic
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--supernet", default="results/devnet/supernet")
+    ap.add_argument("--supernet", default=None,
+                    help="a dev supernet checkpoint (default: random weights at the sizes of results/devnet/settings.json)")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=3)
@@ -46,7 +49,11 @@ def main() -> int:
     args = ap.parse_args()
     dev = torch.device("cuda")
     torch.manual_seed(0)
-    student = load_supernet(args.supernet, device=dev, dtype=torch.float32)
+    if args.supernet:
+        student = load_supernet(args.supernet, device=dev, dtype=torch.float32)
+    else:  # timings do not depend on weight values
+        settings = Settings.from_dict(json.loads(Path("results/devnet/settings.json").read_text(encoding="utf-8")))
+        student = Supernet(model_spec(settings.size), device=dev, dtype=torch.float32, seed=0)
     teacher = copy.deepcopy(student).eval().requires_grad_(False)
     n = student.spec.num_layers
     teacher.set_placement(["attention"] * n)

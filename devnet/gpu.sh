@@ -5,11 +5,12 @@
 #   bash devnet/gpu.sh call2     # preflight + distillation (5 min)                        -> $OUT/devnet-call2.*
 #   bash devnet/gpu.sh finish    # evidence + stability + issue 6's dataset (warm machine) -> $OUT/devnet-{evidence,dataset}.*
 #   bash devnet/gpu.sh dry-run   # the dry run on the GPU (real kernels, tiny batches), ~2-3 min
+#   bash devnet/gpu.sh py SCRIPT [ARGS]  # a script with this set-up (the calls share T0: chain with ';' in one command)
 # Needs `.whl` carried (fla_core-0.6.0 wheel; `finish` also needs lm-eval's wheels). Each command is wrapped in
 # `timeout` so the call ends (and packs what exists) before the device's 10-minute limit even if a stage overran.
 set -uo pipefail
 what=${1:?preflight, call1, call2, finish or dry-run}
-T0=$(date +%s)
+T0=${GPU_CALL_T0:-$(date +%s)}  # chained invocations in one call: export GPU_CALL_T0=$(date +%s) first
 CALL_S=${CALL_S:-570}  # the whole call's budget (the device stops a command at 600 s)
 left() { echo $(( CALL_S - ($(date +%s) - T0) )); }
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -32,6 +33,12 @@ trap save_autotune EXIT
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader || true
 python3 -c "import torch, triton, fla; print('torch', torch.__version__, 'triton', triton.__version__, 'fla', getattr(fla, '__version__', '?'))" || echo 'fla does not import: GDN/KDA would run the slow torch path'
 case "$what" in
+  py)
+    # any script with this set-up (PYTHONPATH, Triton cache and its autotuning results), e.g.
+    #   bash devnet/gpu.sh py benchmarks/profile_distill_step.py --out "$OUT/profile_distill_step_h200.json"
+    shift
+    PYTHONSAFEPATH= timeout "$(( $(left) - 10 ))" python3 "$@" 2>&1 | tee -a "$OUT/devnet-py.log"  # the script's folder first (sibling imports)
+    exit "${PIPESTATUS[0]}" ;;
   preflight)
     # every mixer's kernel path checked against the fp32 reference, and fla's KDA kernels autotuned (~3 min on a
     # cold Triton cache): -> $OUT/preflight.json and $OUT/triton-autotune.tar.gz (copy both into results/devnet/)
