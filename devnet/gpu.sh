@@ -76,7 +76,7 @@ case "$what" in
     export HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1
     snaps=()
     if [ -f out/gpu/devnet/supernet/config.json ]; then
-      cp -rn out/gpu/devnet/. results/devnet/
+      cp -r out/gpu/devnet/. results/devnet/  # call 2's run directory as it ended (summary.json included)
       log "evidence + stability"
       timeout "${EVIDENCE_TIMEOUT:-150}" python3 -m placement_search.devnet train --out results/devnet --device cuda \
         --stages corpus,evidence,stability 2>&1 | tee "$OUT/devnet-evidence.log"
