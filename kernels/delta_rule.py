@@ -232,7 +232,8 @@ def gdn_as_kda(q: Tensor, k: Tensor, g: Tensor) -> tuple[Tensor, Tensor, Tensor]
     return q, k, gx[..., None].expand(*g.shape, k.shape[-1])
 
 
-def fla_kda(
+def fla_prefill(
+    op: str,
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -244,14 +245,15 @@ def fla_kda(
     output_final_state: bool,
     use_qk_l2norm: bool,
 ) -> tuple[Tensor, Tensor | None]:
-    """fla's KDA (CUDA only): ``chunk_kda``, or ``fused_recurrent_kda`` when T == 1.
+    """``fla.ops.<op>``'s ``chunk_<op>`` (``fused_recurrent_<op>`` when T == 1) with our conventions: contiguous
+    inputs, an fp32 gate and initial state, the final state only when asked for (CUDA only).
 
-    q, k ``[B, T, H, DK]``, v ``[B, T, HV, DV]``, g ``[B, T, HV, DK]`` fp32 log decay, beta ``[B, T, HV]``,
-    initial_state ``[B, HV, DK, DV]`` fp32 or None -> ``(o [B, T, HV, DV], final state or None)``.
+    ``op="gated_delta_rule"``: q, k ``[B, T, HK, DK]``, g ``[B, T, HV]``; ``op="kda"``: q, k ``[B, T, H, DK]``,
+    g ``[B, T, HV, DK]``. Both: v ``[B, T, HV, DV]``, beta ``[B, T, HV]``, initial state ``[B, HV, DK, DV]``.
     """
-    mod = fla_module("kda")
+    mod = fla_module(op)
     init = None if initial_state is None else initial_state.float().contiguous()
-    fn = mod.fused_recurrent_kda if q.shape[1] == 1 else mod.chunk_kda
+    fn = getattr(mod, f"fused_recurrent_{op}" if q.shape[1] == 1 else f"chunk_{op}")
     o, final = fn(
         q.contiguous(),
         k.contiguous(),
@@ -302,24 +304,11 @@ def gated_delta_rule(
     resolved = resolve_linear_backend(backend, q.device)
     if resolved == "fla_kda":
         qx, kx, gx = gdn_as_kda(q, k, g)
-        return fla_kda(qx, kx, v, gx, beta, scale=scale, initial_state=initial_state,
-                       output_final_state=output_final_state, use_qk_l2norm=use_qk_l2norm)  # fmt: skip
+        return fla_prefill("kda", qx, kx, v, gx, beta, scale=scale, initial_state=initial_state,
+                           output_final_state=output_final_state, use_qk_l2norm=use_qk_l2norm)  # fmt: skip
     if resolved == "fla":
-        mod = fla_module("gated_delta_rule")
-        init = None if initial_state is None else initial_state.float().contiguous()
-        fn = mod.fused_recurrent_gated_delta_rule if q.shape[1] == 1 else mod.chunk_gated_delta_rule
-        o, final = fn(
-            q.contiguous(),
-            k.contiguous(),
-            v.contiguous(),
-            g=g.float().contiguous(),
-            beta=beta.contiguous(),
-            scale=scale,
-            initial_state=init,
-            output_final_state=output_final_state,
-            use_qk_l2norm_in_kernel=use_qk_l2norm,
-        )
-        return o, (final if output_final_state else None)
+        return fla_prefill("gated_delta_rule", q, k, v, g, beta, scale=scale, initial_state=initial_state,
+                            output_final_state=output_final_state, use_qk_l2norm=use_qk_l2norm)  # fmt: skip
     impl = naive_delta_rule if resolved == "naive" else chunk_delta_rule
     return impl(
         q,

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .backend import fla_module, resolve_linear_backend, resolve_step_backend
-from .delta_rule import _default_scale, chunk_delta_rule, delta_rule_step_torch, fla_kda, naive_delta_rule
+from .delta_rule import _default_scale, chunk_delta_rule, delta_rule_step_torch, fla_prefill, naive_delta_rule
 
 
 def kda_gate(f: Tensor, A_log: Tensor, dt_bias: Tensor, heads: int) -> Tensor:
@@ -72,8 +72,8 @@ def kda(
     scale = _default_scale(scale, k.shape[-1])
     resolved = resolve_linear_backend(backend, q.device)
     if resolved in ("fla", "fla_kda"):  # "fla_kda" (GDN through KDA's kernels) is plain "fla" for KDA
-        return fla_kda(q, k, v, g, beta, scale=scale, initial_state=initial_state,
-                       output_final_state=output_final_state, use_qk_l2norm=use_qk_l2norm)  # fmt: skip
+        return fla_prefill("kda", q, k, v, g, beta, scale=scale, initial_state=initial_state,
+                           output_final_state=output_final_state, use_qk_l2norm=use_qk_l2norm)  # fmt: skip
     impl = naive_delta_rule if resolved == "naive" else chunk_delta_rule
     return impl(
         q,
