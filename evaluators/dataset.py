@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,11 @@ SHIPPED_NAME = "devnet"
 _REPO_ROOT = Path(__file__).resolve().parents[1]
 _COLUMNS = ["checkpoint", "sample_set", "placement", "sampler", "task", "metric", "value", "primary",
             "higher_is_better", "docs", "seconds", "device", "finished_at", "checkpoint_hash", "settings_hash"]  # fmt: skip
+
+
+def sample_set_name(part: Sequence[int] | None) -> str:
+    """The sample-set label of a pack built with ``part=(k, n)``: ``a`` for k = 0, ``b`` for 1, ... (``a`` if none)."""
+    return "abcdefghijklmnopqrstuvwxyz"[int(part[0])] if part else "a"
 
 
 def _pack_tasks(manifest: Mapping[str, Any]) -> dict[str, tuple[str, bool]]:
@@ -60,8 +65,7 @@ def tidy_results(
     tasks = _pack_tasks(pack_manifest)
 
     def sample_set(h: str) -> str:
-        part = settings.get(h, {}).get("pack_part")
-        return "abcdefghijklmnopqrstuvwxyz"[int(part[0])] if part else "a"
+        return sample_set_name(settings.get(h, {}).get("pack_part"))
 
     out = scores.assign(
         checkpoint=scores.checkpoint_hash.map(lambda h: Path(ckpts.get(h, h)).name),

@@ -65,7 +65,7 @@ def measured_scores(
 ) -> pd.DataFrame:
     """Evaluate ``placements`` and all-attention on ``tasks``; their wide table (placement, score, task scores)."""
     from placement_search.evaluators.campaign import run_campaign
-    from placement_search.evaluators.dataset import tidy_results, wide_scores
+    from placement_search.evaluators.dataset import sample_set_name, tidy_results, wide_scores
     from placement_search.evaluators.tasks import load_pack_manifest
 
     space = placements[0].space
@@ -74,9 +74,8 @@ def measured_scores(
     run_campaign(checkpoint, tasks, [reference, *placements], db, device=device, dtype=dtype, batch_size=batch_size,
                  progress=progress)  # fmt: skip
     manifest = load_pack_manifest(tasks)
-    part = (manifest.get("settings", {}).get("corpus", {}) or {}).get("part") or [0, 1]
-    long = tidy_results(db, manifest)
-    return wide_scores(long, Path(checkpoint).name, "abcdefghijklmnopqrstuvwxyz"[int(part[0])])
+    part = (manifest.get("settings", {}).get("corpus", {}) or {}).get("part")
+    return wide_scores(tidy_results(db, manifest), Path(checkpoint).name, sample_set_name(part))
 
 
 def verify_presets(
