@@ -218,6 +218,9 @@ def main(args: Any) -> int:
     record["supernet_config"] = load_json(supernet / "config.json").get("name", str(supernet))
     record["placement_spec"] = args.placements or PLACEMENT_SPEC
     record["final_checkpoint"] = supernet.name
+    if (out / "speed.json").is_file():  # a resumed run: the earlier runs' records stay (provenance of every row)
+        before = load_json(out / "speed.json")
+        record["earlier_runs"] = [*before.pop("earlier_runs", []), before]
     write_json_atomic(out / "speed.json", record)
     print(f"{record['placements_per_second']} placements/s; {record['scored_tokens_per_placement']} scored and "
           f"{record['fed_tokens_per_placement']} fed tokens per placement -> {out / 'speed.json'}", flush=True)  # fmt: skip

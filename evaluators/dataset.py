@@ -88,14 +88,15 @@ def wide_scores(long: pd.DataFrame, checkpoint: str = "supernet", sample_set: st
     if part.empty:
         raise PlacementSearchError(f"no primary scores for checkpoint {checkpoint!r}, sample set {sample_set!r}")
     table = part.pivot_table(index="placement", columns="task", values="value", aggfunc="first")
-    higher = part.drop_duplicates("task").set_index("task").higher_is_better.to_dict()
+    first = part.drop_duplicates("task").set_index("task")
+    higher, metrics = first.higher_is_better.to_dict(), first.metric.to_dict()
     n_layers = len(table.index[0])
     ref_code = reference_placement(n_layers)
     if ref_code not in table.index:
         raise PlacementSearchError(f"checkpoint {checkpoint!r}, sample set {sample_set!r}: all-attention "
                                    f"({ref_code[:4]}...) was not evaluated; it is the retention reference")  # fmt: skip
     reference = table.loc[ref_code].to_dict()
-    score = [aggregate_retention({t: v for t, v in row.items() if np.isfinite(v)}, reference, higher)
+    score = [aggregate_retention({t: v for t, v in row.items() if np.isfinite(v)}, reference, higher, metrics)
              for _, row in table.iterrows()]  # fmt: skip
     samplers = part.drop_duplicates("placement").set_index("placement").sampler
     wide = table.reset_index()

@@ -202,6 +202,16 @@ def test_quality_retention() -> None:
     assert math.isnan(aggregate_retention({}, ref, higher))
 
 
+def test_perplexity_retention_is_on_the_log_scale() -> None:
+    # perplexities exp(2) against a reference exp(1): half the retention, not e^-1; bits per byte stays linear
+    assert retention(math.exp(2.0), math.exp(1.0), False, log=True) == pytest.approx(0.5)
+    assert retention(0.9, 2.0, False, log=True) is None  # a perplexity below 1 is not a loss
+    higher, metrics = {"kv": False, "bpb": False}, {"kv": "perplexity,none", "bpb": "bits_per_byte,none"}
+    scores, ref = {"kv": math.exp(40.0), "bpb": 2.0}, {"kv": math.exp(10.0), "bpb": 1.0}
+    assert task_retentions(scores, ref, higher, metrics) == pytest.approx({"kv": 0.25, "bpb": 0.5})
+    assert task_retentions(scores, ref, higher)["kv"] == pytest.approx(math.exp(-30.0))  # without metrics: linear
+
+
 def test_cli_errors_are_one_line(pack: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from placement_search.cli import main
 
