@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test lint demo clean
+.PHONY: setup test lint optimize clean
 
 # torch 2.13.0 first: on the project's machines pip takes a local CPU build for Python 3.11
 # (an unpinned torch would pull a multi-GB CUDA build); the dev extra's range then installs nothing more.
@@ -26,18 +26,15 @@ test: $(STAMP) lint
 	$(BIN)/python -m pytest -q; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
 
-# The main job, until `placement-search optimize` lands: check the example presets, predict their decode
-# throughput on the H200 from the shipped 15B cost table, and export them to every serving format (out/).
-EXAMPLE := examples/hand-picked-15b.presets.json
-demo: $(STAMP)
-	$(BIN)/placement-search validate $(EXAMPLE)
-	for code in $$($(BIN)/python -c "from placement_search.presets import read_presets; \
-	    print(' '.join(p.placement.code() for p in read_presets('$(EXAMPLE)').presets))"); do \
-	  $(BIN)/placement-search throughput $$code --context 32768 --batch-policy max_fit || exit 2; \
-	done
-	$(BIN)/placement-search export $(EXAMPLE) --format fast-llm-yaml --out out/placements.yaml
-	$(BIN)/placement-search export $(EXAMPLE) --format vllm --out out/vllm
-	$(BIN)/placement-search export $(EXAMPLE) --format deployment-config --out out/deployment
+# The main job: the search on the shipped default (dev-supernet evaluations, the 15B H200 cost table at 32K,
+# max_fit), which prints the front and the presets and writes presets.json, front.csv and front.png to out/optimize;
+# then the presets exported to every serving format beside them.
+OPT := out/optimize
+optimize: $(STAMP)
+	$(BIN)/placement-search optimize --out $(OPT)
+	$(BIN)/placement-search export $(OPT)/presets.json --format fast-llm-yaml --out $(OPT)/placements.yaml
+	$(BIN)/placement-search export $(OPT)/presets.json --format vllm --out $(OPT)/vllm
+	$(BIN)/placement-search export $(OPT)/presets.json --format deployment-config --out $(OPT)/deployment
 
 clean:
 	rm -rf $(VENV) out build *.egg-info .pytest_cache .ruff_cache

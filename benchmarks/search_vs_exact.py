@@ -1,5 +1,10 @@
 """NSGA-II (with seeds and the local-search polish) against the exact DP front.
 
+With ``--evaluations TABLE`` (the issue's benchmark; the shipped ``results/evaluations/devnet-final.csv``): the
+quality is the cluster-expansion surrogate (``cluster``: per-layer terms and pair terms up to distance 3, Bayesian
+prior) fitted on that table, the front the search and the DP find for it; ``--seeds`` are then the search's seeds.
+Writes ``results/search_vs_exact_<table stem>.json``. Without it:
+
 Synthetic quality (a known pairwise cluster expansion, :func:`placement_search.surrogate.datasets.pairwise_quality`,
 pair terms up to distance 3) on the real 48-layer Super Apriel space and the shipped H200 cost table. The exact
 front: :func:`~placement_search.exact_front.exact_front` (additive step time) under a fixed batch,
@@ -8,6 +13,7 @@ quality of the all-X placements, throughput 0. Also runs plain NSGA-II (no struc
 "before" column. Prints a table and writes ``results/search_vs_exact_synthetic.json``.
 
     .venv/bin/python benchmarks/search_vs_exact.py [--trials 5000] [--seeds 0 1] [--out PATH]
+    .venv/bin/python benchmarks/search_vs_exact.py --evaluations results/evaluations/devnet-final.csv
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from placement_search.presets import BatchPolicy
 from placement_search.search import ExpansionQuality, TableSpeed, run_search
 from placement_search.spec import DEFAULT_SPEC, get_spec
 from placement_search.surrogate.datasets import pairwise_quality
+from placement_search.surrogate.table import file_sha256
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLE = ROOT / "results" / "cost_tables" / "super-apriel-15b_h200.json"
@@ -55,6 +62,25 @@ def exact(space, truth, table: CostTable, speed: TableSpeed, context: int, polic
     return points, time.perf_counter() - t0
 
 
+class FittedExpansion:
+    """The arrays of a cluster expansion fitted on an evaluation table (what ``pairwise_quality`` gives)."""
+
+    def __init__(self, unary: np.ndarray, pair: dict[int, np.ndarray], intercept: float, rows: int) -> None:
+        self.unary, self.pair, self.intercept, self.rows = unary, pair, intercept, rows
+
+
+def fitted_expansion(path: str, space) -> FittedExpansion:
+    """Fit the registry's ``cluster`` surrogate on ``path`` (placement and score columns) over ``space``."""
+    from placement_search.surrogate.registry import make_surrogate
+    from placement_search.surrogate.table import load_evaluation_table
+
+    data = load_evaluation_table(path, space)
+    model = make_surrogate("cluster").fit(data.placements, data.y)
+    unary, pair, intercept = model.expansion()
+    print(f"cluster expansion fitted on {path}: {len(data.y)} placements, pair distances {sorted(pair)}", flush=True)
+    return FittedExpansion(unary, pair, intercept, len(data.y))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trials", type=int, default=5000)
@@ -62,19 +88,24 @@ def main() -> int:
     ap.add_argument("--contexts", type=int, nargs="+", default=[16384, 32768])
     ap.add_argument("--policies", nargs="+", default=["fixed:16", "max_fit"])
     ap.add_argument("--no-baseline", action="store_true", help="skip the plain NSGA-II runs")
-    ap.add_argument("--out", default=str(ROOT / "results" / "search_vs_exact_synthetic.json"))
+    ap.add_argument("--evaluations", default=None, metavar="TABLE",
+                    help="fit the cluster expansion on this evaluation table (placement, score) instead of synthetic")
+    ap.add_argument("--out", default=None, help="default results/search_vs_exact_{synthetic,<table stem>}.json")
     args = ap.parse_args()
     import optuna
 
     spec = get_spec(DEFAULT_SPEC)
     space = spec.search_space
     table = CostTable.load(TABLE)
+    fitted = fitted_expansion(args.evaluations, space) if args.evaluations else None
+    name = Path(args.evaluations).name.split(".")[0] if args.evaluations else "synthetic"
+    out = args.out or str(ROOT / "results" / f"search_vs_exact_{name}.json")
     rows = []
     for context in args.contexts:
         for policy in args.policies:
             speed = TableSpeed(table, spec, context, BatchPolicy.parse(policy))
             for seed in args.seeds:
-                truth = pairwise_quality(space, seed=seed)
+                truth = fitted or pairwise_quality(space, seed=seed)
                 quality = ExpansionQuality(truth.unary, truth.pair, truth.intercept)
                 points, dp_s = exact(space, truth, table, speed, context, policy)
                 ref = (float(np.min(quality([Placement.uniform(m, space) for m in space.mixers])[0])), 0.0)
@@ -103,10 +134,15 @@ def main() -> int:
         print(f"{r['context']:>7} {r['batch_policy']:>8} {r['seed']:>4} {r['exact_points']:>5} "
               f"{r.get('before_hv_ratio', float('nan')):>9.4f} {r.get('before_seconds', float('nan')):>6.1f} "
               f"{r['after_hv_ratio']:>9.4f} {r['after_seconds']:>6.1f}")
-    write_json_atomic(args.out, {
+    label = ("SYNTHETIC quality (known pairwise cluster expansion, pair distance <= 3); REAL shipped H200 cost "
+             "table; not the issue's benchmark on the shipped dev-supernet data")
+    if fitted is not None:
+        label = (f"cluster-expansion surrogate ('cluster': pair distance <= 3, Bayesian prior) fitted on "
+                 f"{args.evaluations} (sha256 {file_sha256(args.evaluations)[:16]}, {fitted.rows} placements); "
+                 "REAL shipped H200 cost table; seed = the search's seed (one fitted quality)")
+    write_json_atomic(out, {
         "benchmark": "search_vs_exact",
-        "label": "SYNTHETIC quality (known pairwise cluster expansion, pair distance <= 3); REAL shipped H200 "
-                 "cost table; not the issue's benchmark on the shipped dev-supernet data",
+        "label": label,
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "date": dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat(),
         "machine": {"platform": platform.platform(), "processor": platform.processor(),

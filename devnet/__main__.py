@@ -74,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     ds.add_argument("--budget", type=float, default=450.0, help="seconds after which no placement starts")
     ds.add_argument("--noise", type=int, default=40, help="placements re-scored on pack B (default 40)")
     ds.add_argument("--shared", type=int, default=320, help="placements scored at every snapshot (default 320)")
+    ds.add_argument("--final-limit", type=int, default=None, metavar="N",
+                    help="plan only the first N placements of the list (default all)")
     ds.add_argument("--placements", default=None, metavar="SPEC",
                     help="sampler mix, e.g. structured:400,stratified:700,uniform:700 (default: the shipped mix)")
     ds.add_argument("--quiet", action="store_true", help="no progress bars")

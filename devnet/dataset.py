@@ -115,10 +115,15 @@ def build_dataset(
     shared: int = 320,
     chunk: int = 40,
     placement_spec: str = PLACEMENT_SPEC,
+    final_limit: int | None = None,
     scratch: str | Path | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Run the campaigns (module docstring) and return the speed and counts record."""
+    """Run the campaigns (module docstring) and return the speed and counts record.
+
+    ``final_limit``: plan only the first ``final_limit`` placements of the list (the noise and shared sets are drawn
+    from them): a second training run's final checkpoint and snapshots scored on a shared prefix, say.
+    """
     t_start = time.perf_counter()
 
     def left() -> float:
@@ -131,7 +136,7 @@ def build_dataset(
     # all-attention, the retention reference of every score, comes first: in every set, whatever the deadline
     ref = Placement(["attention"] * space.num_layers, space)
     samplers.setdefault(ref, "structured")
-    placements = [ref, *(p for p in placements if p != ref)]
+    placements = [ref, *(p for p in placements if p != ref)][:final_limit]
     noise_set = [ref, *spread(placements[1:], noise - 1)] if noise > 0 else []
     shared_set = placements[:shared]
     in_noise = set(noise_set)
@@ -211,6 +216,7 @@ def main(args: Any) -> int:
     record = build_dataset(supernet, snapshots, packs, out / "devnet.sqlite", device=args.device,
                            batch_size=args.batch_size, budget_s=args.budget - pack_s, noise=args.noise,
                            shared=args.shared, placement_spec=args.placements or PLACEMENT_SPEC,
+                           final_limit=args.final_limit,
                            progress=not args.quiet)  # fmt: skip
     record["pack_build_seconds"] = round(pack_s, 1)
     record["kernel_paths"] = backends

@@ -22,7 +22,6 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
-
 LOG_SCALE_METRICS = frozenset({"perplexity", "byte_perplexity", "word_perplexity"})
 
 

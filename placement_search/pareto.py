@@ -26,11 +26,11 @@ def pareto_mask(objectives: np.ndarray) -> np.ndarray:
     # maximum of the second objective: a point survives iff it beats every earlier one there.
     order = np.lexsort((-obj[:, 1], -obj[:, 0]))
     order = order[~np.isnan(obj[order]).any(axis=1)]  # NaN rows are never on the front
-    best = -np.inf
-    for i in order:
-        if obj[i, 1] > best:
-            keep[i] = True
-            best = obj[i, 1]
+    if order.size == 0:
+        return keep
+    second = obj[order, 1]
+    earlier_best = np.concatenate([[-np.inf], np.maximum.accumulate(second)[:-1]])
+    keep[order[second > earlier_best]] = True
     return keep
 
 

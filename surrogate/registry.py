@@ -36,6 +36,9 @@ _FACTORIES: dict[str, Callable[[int], Any]] = {
     "cluster": lambda seed: _new("ClusterExpansion", prior="bayesian"),
     "cluster-ridge": lambda seed: _new("ClusterExpansion", prior="ridge", alpha=1.0, pair_alpha=4.0),
     "ensemble-xgb": lambda seed: _new("EnsembleSurrogate", estimator=_new("XGBSurrogate"), random_state=seed),
+    "ensemble-xgb-counts": lambda seed: _new(
+        "EnsembleSurrogate", estimator=_new("XGBSurrogate", include_counts=True), random_state=seed
+    ),
     "ensemble-ridge": lambda seed: _new(
         "EnsembleSurrogate", estimator=_new("LinearSurrogate", prior="ridge"), random_state=seed
     ),

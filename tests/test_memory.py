@@ -176,3 +176,17 @@ def test_overheads_round_trip_and_validation():
         RuntimeOverheads.from_dict({"reserve_bytes": -1})
     with pytest.raises(MemoryModelError, match="gdn_state_copy"):
         RuntimeOverheads.from_dict({"gdn_state_copy": 1})
+
+
+def test_max_batch_falls_back_to_search_when_not_linear(spec, monkeypatch):
+    """A non-linear total (none today) fails the closed form's check; the search still finds the largest batch."""
+    import placement_search.evaluators.memory as mem
+
+    class Total:
+        def __init__(self, total):
+            self.total = total
+
+    monkeypatch.setattr(mem, "memory_breakdown", lambda *a, **k: Total(1000 + 10 * a[3] + a[3] ** 2))
+    budget = 50_000
+    want = max(b for b in range(1, 1000) if 1000 + 10 * b + b * b <= budget)
+    assert mem.max_batch(spec, ["attention"] * N, 4096, budget) == want == 216

@@ -36,7 +36,7 @@ def test_optimize_writes_presets_csv_and_png(table_path, tmp_path) -> None:
         assert p.predicted.throughput.speedup >= p.speed_level
         assert p.conditions.context_length == 32768 and p.conditions.batch_policy.kind == "max_fit"
     prov = presets.provenance
-    assert len(prov["data"][0]["sha256"]) == 64 and prov["surrogate"]["name"] == "xgb"
+    assert len(prov["data"][0]["sha256"]) == 64 and prov["surrogate"]["name"] == "ensemble-xgb-counts"
     assert prov["cost_model"]["table"].endswith("super-apriel-15b_h200.json")
     front = pd.read_csv(tmp_path / "front.csv")
     assert {"placement", "quality", "tokens_per_s", "speedup"} <= set(front.columns)
@@ -98,7 +98,25 @@ def test_no_arguments_without_shipped_table_exits_2(capsys, monkeypatch, tmp_pat
     monkeypatch.setenv("PLACEMENT_SEARCH_EVALUATIONS", str(tmp_path / "absent.csv"))
     assert main(["optimize"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "not available yet" in err[0] and "--evaluations" in err[0]
+    assert len(err) == 1 and "absent.csv" in err[0] and "--evaluations" in err[0]
+
+
+def test_no_arguments_runs_the_shipped_default(tmp_path, capsys, monkeypatch) -> None:
+    """The README's main job as shipped: dev-supernet evaluations, the 15B H200 table at 32K, max_fit, the default
+    surrogate (an ensemble: presets carry an uncertainty) and trial budget. Its wall time is a benchmark figure
+    (README), not checked here."""
+    monkeypatch.delenv("PLACEMENT_SEARCH_EVALUATIONS", raising=False)
+    assert main(["optimize", "--out", str(tmp_path), "--quiet"]) == 0
+    assert "presets:" in capsys.readouterr().out
+    doc = read_presets(tmp_path / "presets.json")
+    assert doc.provenance["data"][0]["path"].endswith("results/evaluations/devnet-final.csv")
+    assert [p.speed_level for p in doc.presets] == [1.5, 2.0, 3.0, 5.0, 7.0, 10.0]
+    for p in doc.presets:
+        assert p.predicted.throughput.speedup >= p.speed_level and p.conditions.context_length == 32768
+        assert p.predicted.quality.std is not None and 0 < p.predicted.quality.std < 0.2
+    front = pd.read_csv(tmp_path / "front.csv").sort_values("tokens_per_s")
+    assert len(front) > 20 and front.quality.is_monotonic_decreasing  # a front: faster rows lose quality
+    assert (tmp_path / "front.png").stat().st_size > 10_000
 
 
 def test_shipped_default_used_when_present(table_path, monkeypatch, tmp_path, capsys) -> None:

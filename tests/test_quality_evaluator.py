@@ -322,6 +322,13 @@ def test_dataset_run_final_noise_and_snapshots(pack: dict, tmp_path: Path) -> No
     listing = pd.read_csv(tmp_path / "work" / D.PLACEMENTS_FILE)
     assert len(listing) == 9 and listing.noise_set.sum() == 2 and listing.shared_set.sum() == 3
     assert set(listing.sampler) == {"structured", "stratified", "uniform"}
+    # a prefix of the same list (a second run's checkpoints on shared placements): noise and shared sets inside it
+    limited = D.build_dataset(pack["ckpt"], [], packs, tmp_path / "work2" / "db.sqlite", device="cpu", batch_size=8,
+                              budget_s=600, noise=2, shared=3, placement_spec="structured:5,stratified:2,uniform:2",
+                              progress=False, final_limit=4)  # fmt: skip
+    assert limited["placements_planned"] == 4 and limited["stages"][0]["evaluated"] == 4
+    listing2 = pd.read_csv(tmp_path / "work2" / D.PLACEMENTS_FILE)
+    assert listing2.placement.tolist() == listing.placement.tolist()[:4] and listing2.noise_set.sum() == 2
 
     # the shipped tables: tidy, wide (final, set a; all-attention is the retention reference), noise; the loader
     from placement_search.evaluators.dataset import export_dataset, load_dataset

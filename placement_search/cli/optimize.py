@@ -19,7 +19,7 @@ DESCRIPTION = (
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register the ``optimize`` verb on the CLI's subparsers."""
-    from placement_search.optimize import DEFAULT_EVALUATIONS, DEFAULT_TRIALS, SOLVERS
+    from placement_search.optimize import DEFAULT_EVALUATIONS, DEFAULT_SURROGATE, DEFAULT_TRIALS, SOLVERS
     from placement_search.search import SAMPLERS
 
     p = sub.add_parser("optimize", help="search the speed/quality front and write presets", description=DESCRIPTION)
@@ -45,7 +45,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--no-single", default="", metavar="MIXERS",
                    help="comma-separated mixers never used on exactly one layer")
-    p.add_argument("--surrogate", default="xgb", help="surrogate name (default xgb; see placement-search fit)")
+    p.add_argument("--surrogate", default=DEFAULT_SURROGATE,
+                   help=f"surrogate name (default {DEFAULT_SURROGATE}; see placement-search fit)")
     p.add_argument("--sampler", choices=SAMPLERS, default="nsga2", help="Optuna sampler (default nsga2)")
     p.add_argument("--solver", choices=SOLVERS, default="search",
                    help="search (Optuna study) or dp (exact; linear/cluster surrogates)")
