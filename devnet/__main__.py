@@ -76,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     ds.add_argument("--shared", type=int, default=320, help="placements scored at every snapshot (default 320)")
     ds.add_argument("--final-limit", type=int, default=None, metavar="N",
                     help="plan only the first N placements of the list (default all)")
+    ds.add_argument("--stages", default="final,noise,snapshots",
+                    help="campaigns to run, in order: final, noise, snapshots (default final,noise,snapshots)")
     ds.add_argument("--placements", default=None, metavar="SPEC",
                     help="sampler mix, e.g. structured:400,stratified:700,uniform:700 (default: the shipped mix)")
     ds.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -85,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     ex = sub.add_parser("dataset-export", help="the shipped tables from a dataset run's database (CPU)")
     ex.add_argument("--work", required=True, help="the dataset run's folder (devnet.sqlite, tasks-a/, placements.csv)")
     ex.add_argument("--out", default="results/evaluations", help="where the tables go (default results/evaluations)")
+    ex.add_argument("--name", default="devnet", help="file name prefix (default devnet: devnet-final.csv, ...)")
     estimate.add_argument("--batch", type=int, default=1, help="rows per measured CPU step")
     estimate.add_argument("--out", help="write the estimate as JSON here")
     args = parser.parse_args(argv)
@@ -113,11 +116,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "dataset-export":
         from placement_search.devnet.dataset import export
 
-        return export(args.work, args.out)
+        return export(args.work, args.out, name=args.name)
     if args.command == "dataset":
         from placement_search.devnet.dataset import main as dataset_main
+        from placement_search.errors import PlacementSearchError
 
-        return dataset_main(args)
+        try:
+            return dataset_main(args)
+        except PlacementSearchError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     if args.command == "pack":
         return _pack(args)
     if args.command == "unpack":

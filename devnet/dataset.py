@@ -34,6 +34,7 @@ import torch
 
 from placement_search.devnet.corpus import CORPUS_FILE, Corpus
 from placement_search.devnet.snapshots import is_snapshot, materialize_snapshot
+from placement_search.errors import PlacementSearchError
 from placement_search.evaluators.campaign import Campaign, sample_placements
 from placement_search.evaluators.checkpoint import load_supernet
 from placement_search.evaluators.tasks import build_task_pack, build_teacher_traces
@@ -50,6 +51,8 @@ TRACE_SETTINGS: dict[str, Any] = {"prompts": 48, "prompt_tokens": 64, "new_token
 PLACEMENTS_FILE = "placements.csv"
 #: The shipped placement mix (structured: the whole family, a few hundred).
 PLACEMENT_SPEC = "structured:400,stratified:700,uniform:700"
+#: The campaigns of :func:`build_dataset`, in their default order.
+STAGES = ("final", "noise", "snapshots")
 
 
 def build_packs(
@@ -116,6 +119,7 @@ def build_dataset(
     chunk: int = 40,
     placement_spec: str = PLACEMENT_SPEC,
     final_limit: int | None = None,
+    stages: Sequence[str] = STAGES,
     scratch: str | Path | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -123,7 +127,13 @@ def build_dataset(
 
     ``final_limit``: plan only the first ``final_limit`` placements of the list (the noise and shared sets are drawn
     from them): a second training run's final checkpoint and snapshots scored on a shared prefix, say.
+    ``stages``: which of ``final`` (pack A at the final checkpoint), ``noise`` (pack B on the noise set) and
+    ``snapshots`` (pack A at each snapshot on the shared set) run, in this order (``("noise", "final")`` secures the
+    noise set before a resumed final campaign takes the rest of the budget).
     """
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown or not stages:
+        raise PlacementSearchError(f"--stages must name some of {', '.join(STAGES)}, got {', '.join(stages) or '(none)'}")
     t_start = time.perf_counter()
 
     def left() -> float:
@@ -166,12 +176,11 @@ def build_dataset(
         print(f"{name}: {summary.evaluated} evaluated, {summary.skipped} done before, {summary.left} left, "
               f"{summary.seconds:.1f} s", flush=True)  # fmt: skip
 
-    stage("final/tasks-a", final, placements)
-    if left() > 0:
+    def run_noise() -> None:
         other = Campaign(supernet, packs["tasks-b"], db, device=device, batch_size=batch_size)
         stage("final/tasks-b", other, noise_set)
-        del other
-    if snapshots and left() > 0:
+
+    def run_snapshots() -> None:
         tmp = Path(scratch or Path(db).parent / "snapshot-checkpoints")
         full = {}
         for snap in snapshots:
@@ -187,7 +196,18 @@ def build_dataset(
                     break
                 final.use_checkpoint(path)
                 stage(f"{name}/tasks-a", final, shared_set[start : start + chunk])
+        final.use_checkpoint(supernet)
         shutil.rmtree(tmp, ignore_errors=True)
+
+    for i, name in enumerate(stages):
+        if i and left() <= 0:
+            break
+        if name == "final":
+            stage("final/tasks-a", final, placements)
+        elif name == "noise" and noise_set:
+            run_noise()
+        elif name == "snapshots" and snapshots:
+            run_snapshots()
     record["seconds"] = round(time.perf_counter() - t_start, 1)
     done = [s for s in record["stages"] if s["evaluated"]]
     total = sum(s["evaluated"] for s in done)
@@ -216,7 +236,7 @@ def main(args: Any) -> int:
     record = build_dataset(supernet, snapshots, packs, out / "devnet.sqlite", device=args.device,
                            batch_size=args.batch_size, budget_s=args.budget - pack_s, noise=args.noise,
                            shared=args.shared, placement_spec=args.placements or PLACEMENT_SPEC,
-                           final_limit=args.final_limit,
+                           final_limit=args.final_limit, stages=tuple(args.stages.split(",")),
                            progress=not args.quiet)  # fmt: skip
     record["pack_build_seconds"] = round(pack_s, 1)
     record["kernel_paths"] = backends
@@ -233,7 +253,7 @@ def main(args: Any) -> int:
     return 0
 
 
-def export(work: str | Path, out: str | Path) -> int:
+def export(work: str | Path, out: str | Path, *, name: str = "devnet") -> int:
     """``python -m placement_search.devnet dataset-export``: the shipped tables of a dataset run (see
     :func:`placement_search.evaluators.dataset.export_dataset`), with the run's speed record as provenance."""
     from placement_search.evaluators.dataset import export_dataset
@@ -241,7 +261,7 @@ def export(work: str | Path, out: str | Path) -> int:
     work = Path(work)
     speed = load_json(work / "speed.json") if (work / "speed.json").is_file() else None
     listing = work / PLACEMENTS_FILE
-    paths = export_dataset(work / "devnet.sqlite", work / "tasks-a", out,
+    paths = export_dataset(work / "devnet.sqlite", work / "tasks-a", out, name=name,
                            placements_csv=listing if listing.is_file() else None,
                            provenance={"run": speed, "pack_settings": PACK_SETTINGS,
                                        "trace_settings": TRACE_SETTINGS},

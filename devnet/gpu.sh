@@ -4,12 +4,14 @@
 #   bash devnet/gpu.sh call1     # preflight + teacher (4 min budget)                      -> $OUT/devnet-call1.*
 #   bash devnet/gpu.sh call2     # preflight + distillation (5 min)                        -> $OUT/devnet-call2.*
 #   bash devnet/gpu.sh finish    # evidence + stability + issue 6's dataset (warm machine) -> $OUT/devnet-{evidence,dataset}.*
+#   DEVNET_RUN=out/gpu/run-b bash devnet/gpu.sh call2   # a second distillation run beside the shipped one
+#   bash devnet/gpu.sh finish-b  # run B's final + snapshots on the shared prefix, then the shipped final continued
 #   bash devnet/gpu.sh dry-run   # the dry run on the GPU (real kernels, tiny batches), ~2-3 min
 #   bash devnet/gpu.sh py SCRIPT [ARGS]  # a script with this set-up (the calls share T0: chain with ';' in one command)
 # Needs `.whl` carried (fla_core-0.6.0 wheel; `finish` also needs lm-eval's wheels). Each command is wrapped in
 # `timeout` so the call ends (and packs what exists) before the device's 10-minute limit even if a stage overran.
 set -uo pipefail
-what=${1:?preflight, call1, call2, finish or dry-run}
+what=${1:?preflight, call1, call2, finish, finish-b, dry-run or py}
 T0=${GPU_CALL_T0:-$(date +%s)}  # chained invocations in one call: export GPU_CALL_T0=$(date +%s) first
 CALL_S=${CALL_S:-570}  # the whole call's budget (the device stops a command at 600 s)
 left() { echo $(( CALL_S - ($(date +%s) - T0) )); }
@@ -59,14 +61,62 @@ case "$what" in
   call2)
     # distillation only (the preflight, with fla's KDA autotuning on a cold Triton cache, comes first: ~3 min);
     # the whole run directory stays on this machine under out/gpu/ (ignored, so it survives while the machine is
-    # warm) for `finish`, which must be the next call
-    log "call 2: preflight + distillation"
-    timeout "$(( $(left) - 25 ))" python3 -m placement_search.devnet train --out results/devnet --device cuda \
+    # warm) for `finish`, which must be the next call. DEVNET_RUN (default results/devnet) puts the run elsewhere
+    # (a second run beside the shipped supernet: its inputs are copied from results/devnet). The teacher comes
+    # from results/devnet/teacher, or is rebuilt from results/devnet/teacher-overlay (its attention tensors,
+    # 4.8 MB) over the shipped supernet's frozen ones (bit-identical; devnet/snapshots.py checks a fingerprint).
+    RUN=${DEVNET_RUN:-results/devnet}
+    if [ "$RUN" != results/devnet ]; then
+      mkdir -p "$RUN" || exit 3
+      for f in settings.json corpus.npz corpus-manifest.json tokenizer teacher teacher-log.jsonl summary.json preflight.json; do
+        [ -e "results/devnet/$f" ] && cp -r "results/devnet/$f" "$RUN/"
+      done
+    fi
+    if [ ! -f "$RUN/teacher/config.json" ] && [ -f results/devnet/teacher-overlay/snapshot.json ]; then
+      log "teacher rebuilt from results/devnet/teacher-overlay over results/devnet/supernet"
+      python3 -c "import sys; from placement_search.devnet.snapshots import materialize_snapshot as m; m(*sys.argv[1:])" \
+        results/devnet/teacher-overlay results/devnet/supernet "$RUN/teacher" || exit 3
+    fi
+    log "call 2: preflight + distillation -> $RUN"
+    timeout "$(( $(left) - 25 ))" python3 -m placement_search.devnet train --out "$RUN" --device cuda \
       --stages corpus,supernet 2>&1 | tee "$OUT/devnet-call2.log"
     rc=${PIPESTATUS[0]}
     log "train exit $rc; packing"
-    python3 -m placement_search.devnet pack --out results/devnet --dest "$OUT" --call 2
-    rm -rf out/gpu/devnet && mkdir -p out/gpu && cp -r results/devnet out/gpu/devnet && ls out/gpu/devnet
+    python3 -m placement_search.devnet pack --out "$RUN" --dest "$OUT" --call 2
+    rm -rf out/gpu/devnet && mkdir -p out/gpu && cp -r "$RUN" out/gpu/devnet && ls out/gpu/devnet
+    exit "$rc" ;;
+  finish-b)
+    # after `DEVNET_RUN=... call2` on this warm machine: run B's final checkpoint and its 4 snapshots on the shared
+    # prefix of the placement list (the ranking-stability study), with the packs of the shipped dataset (carried:
+    # out/dataset holds tasks-a, tasks-b and devnet.sqlite); then the shipped final continued: the noise set first,
+    # then the placements left. SHARED (default 320) placements; B_BUDGET seconds for run B (default: half the call);
+    # BATCH sequences per forward (default 128). out/dataset may travel packed: carry out/carry/devnet-dataset.tgz
+    # (the 1 MB the dataset call returned) instead of the 10 MB folder.
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 3
+    export HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1
+    [ -f out/gpu/devnet/supernet/config.json ] || { echo "no run B here (out/gpu/devnet is gone)"; exit 9; }
+    if [ ! -f out/dataset/devnet.sqlite ] && [ -f out/carry/devnet-dataset.tgz ]; then
+      mkdir -p out/dataset && tar -xzf out/carry/devnet-dataset.tgz -C out/dataset || exit 3
+    fi
+    [ -f out/dataset/tasks-a/pack.json ] && [ -f out/dataset/devnet.sqlite ] || { echo "carry out/carry or out/dataset"; exit 9; }
+    mkdir -p out/gpu/dataset-b && cp -r out/dataset/tasks-a out/dataset/tasks-b out/gpu/dataset-b/
+    budget=$(( ${B_BUDGET:-$(( ($(left) - 150) / 2 ))} ))
+    log "run B: final + snapshots on ${SHARED:-320} shared placements, budget ${budget} s"
+    timeout "$(( budget + 60 ))" python3 -m placement_search.devnet dataset --supernet out/gpu/devnet/supernet \
+      --snapshots out/gpu/devnet --work out/gpu/dataset-b --final-limit "${SHARED:-320}" --shared "${SHARED:-320}" \
+      --noise 0 --stages final,snapshots --budget "$budget" --batch-size "${BATCH:-128}" --quiet 2>&1 \
+      | tee "$OUT/devnet-dataset-b.log"
+    budget=$(( $(left) - 75 )); tmo=$(( $(left) - 15 ))
+    log "shipped final: noise set, then the rest: budget ${budget} s"
+    timeout "$tmo" python3 -m placement_search.devnet dataset --supernet results/devnet/supernet --work out/dataset \
+      --stages noise,final --budget "$budget" --batch-size "${BATCH:-128}" --quiet 2>&1 | tee "$OUT/devnet-dataset.log"
+    rc=${PIPESTATUS[0]}
+    for d in out/gpu/dataset-b out/dataset; do
+      python3 -c "import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); c.execute('PRAGMA wal_checkpoint(TRUNCATE)'); c.close()" "$d/devnet.sqlite"
+    done
+    tar -czf "$OUT/devnet-dataset-b.tgz" -C out/gpu/dataset-b devnet.sqlite $(cd out/gpu/dataset-b && ls speed.json placements.csv 2>/dev/null)
+    tar -czf "$OUT/devnet-dataset.tgz" -C out/dataset devnet.sqlite tasks-a tasks-b $(cd out/dataset && ls speed.json placements.csv 2>/dev/null)
+    ls -la "$OUT"
     exit "$rc" ;;
   finish)
     # evidence + ranking stability (issue 5), then issue 6's dataset: packs + campaigns at the final and the

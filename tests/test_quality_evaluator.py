@@ -20,6 +20,7 @@ from conftest import runtime_tiny_config  # noqa: E402
 from placement_search.devnet.config import CorpusSettings  # noqa: E402
 from placement_search.devnet.corpus import Corpus, SourceFile, build_corpus  # noqa: E402
 from placement_search.devnet.tokenizer import save_tokenizer, train_tokenizer  # noqa: E402
+from placement_search.errors import PlacementSearchError  # noqa: E402
 from placement_search.evaluators import load_tokenizer, random_supernet, save_checkpoint  # noqa: E402
 from placement_search.evaluators.campaign import load_results, run_campaign, sample_placements  # noqa: E402
 from placement_search.evaluators.lm_eval_model import PlacementSearchLM  # noqa: E402
@@ -329,6 +330,14 @@ def test_dataset_run_final_noise_and_snapshots(pack: dict, tmp_path: Path) -> No
     assert limited["placements_planned"] == 4 and limited["stages"][0]["evaluated"] == 4
     listing2 = pd.read_csv(tmp_path / "work2" / D.PLACEMENTS_FILE)
     assert listing2.placement.tolist() == listing.placement.tolist()[:4] and listing2.noise_set.sum() == 2
+    # stages in another order, resumed: the noise set first, then the final campaign finds the 4 already stored
+    again = D.build_dataset(pack["ckpt"], [], packs, tmp_path / "work2" / "db.sqlite", device="cpu", batch_size=8,
+                            budget_s=600, noise=3, shared=3, placement_spec="structured:5,stratified:2,uniform:2",
+                            progress=False, final_limit=4, stages=("noise", "final"))  # fmt: skip
+    assert [s["stage"] for s in again["stages"]] == ["final/tasks-b", "final/tasks-a"]
+    assert again["stages"][0]["evaluated"] == 1 and again["stages"][1]["skipped"] == 4  # 2 of 3 were stored
+    with pytest.raises(PlacementSearchError, match="stages"):
+        D.build_dataset(pack["ckpt"], [], packs, tmp_path / "work3" / "db.sqlite", device="cpu", stages=("all",))
 
     # the shipped tables: tidy, wide (final, set a; all-attention is the retention reference), noise; the loader
     from placement_search.evaluators.dataset import export_dataset, load_dataset
@@ -417,6 +426,14 @@ def test_dataset_commands(pack: dict, tmp_path: Path, capsys: pytest.CaptureFixt
     final = pd.read_csv(tables / "devnet-final.csv", dtype={"placement": str})
     assert len(final) == long[long.sample_set == "a"].placement.nunique() == speed["placements_planned"]
     assert {"placement", "sampler", "score"} <= set(final.columns) and final.score.notna().all()
+    # another run's tables beside the shipped ones (--name), and a bad stage list: one line, exit 2
+    assert devnet_main(["dataset-export", "--work", str(work), "--out", str(tables), "--name", "run-b"]) == 0
+    assert (tables / "run-b-final.csv").read_text() == (tables / "devnet-final.csv").read_text()
+    capsys.readouterr()
+    assert devnet_main(["dataset", "--supernet", str(pack["ckpt"]), "--devnet", str(pack["root"] / "corpus"),
+                        "--work", str(work), "--device", "cpu", "--stages", "final,everything", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "everything" in err[0]
 
 
 def test_evaluate_cli_budget_and_resume(pack: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
