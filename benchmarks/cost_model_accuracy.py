@@ -32,6 +32,8 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from decode_common import RAW_NAME, run_measure_decode, tiny_spec  # noqa: E402
+
 from placement_search.evaluators.cost_model import CostModelError, CostTable, fit_regression  # noqa: E402
 from placement_search.evaluators.memory import GiB, max_batch  # noqa: E402
 from placement_search.files import write_json_atomic  # noqa: E402
@@ -165,17 +167,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--measure", action="store_true", help="run the GPU validation section first")
     args = ap.parse_args(argv)
     if args.measure:
-        import measure_decode
-
-        measure_decode.main(["--sections", "validation", "--out", args.out, "--no-build",
+        run_measure_decode(["--sections", "validation", "--out", args.out, "--no-build",
                              *(["--device", "cpu", "--tiny"] if args.tiny else [])])
-        args.raw = str(Path(args.out) / measure_decode.RAW_NAME)
+        args.raw = str(Path(args.out) / RAW_NAME)
     raw = json.loads(Path(args.raw).read_text())
     table = CostTable.load(args.table)
     if args.tiny or raw["meta"].get("model") == "tiny-apriel":
-        import measure_decode
-
-        spec = measure_decode.tiny_spec()
+        spec = tiny_spec()
     else:
         spec = get_spec(raw["meta"].get("model", "super-apriel-15b"))
     table.check_spec(spec)

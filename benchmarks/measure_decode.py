@@ -27,7 +27,6 @@ Rebuild the table from raw data (CPU): python benchmarks/measure_decode.py --bui
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import random
 import sys
@@ -38,6 +37,8 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+
+from decode_common import RAW_NAME, measure_kernels, tiny_spec  # noqa: E402
 
 from placement_search.evaluators.cost_model import (  # noqa: E402
     DEFAULT_CONTEXTS,
@@ -72,30 +73,12 @@ PIECE_BLOCKS = 4
 #: B=256, then alternates between ~3.3 and ~3.9 us (384: 3.41, 512: 3.90, 960: 3.25, 1024: 3.84) with the
 #: buffers' relative placement, so a point-wise table would be off by up to ~9% either way.
 SMOOTH_FROM = {"gdn": 256}
-RAW_NAME = "decode_measurements_h200.json"
 MERGED_NAME = "decode_measurements_h200_merged.json"
 TABLE_NAME = "cost_tables/super-apriel-15b_h200.json"
 
 
 # --------------------------------------------------------------------------------------------
 # Models and placements
-
-
-def tiny_spec() -> ModelSpec:
-    """The 15B config scaled down (hidden 64, 6 layers, window 8) for CPU smoke tests."""
-    cfg = copy.deepcopy(dict(get_spec("super-apriel-15b").config))
-    cfg.update(hidden_size=64, vocab_size=128)
-    dec = cfg["decoder"]
-    dec["num_blocks"] = 6
-    block = dec["block"]
-    block["mlp"]["intermediate_size"] = 96
-    mixers = block["mixer"]["mixers"]
-    for name in ("attention", "sliding_window"):
-        mixers[name].update(heads=4, head_groups=2, head_size=16)
-    mixers["sliding_window"]["window_size"] = 8
-    mixers["gdn"].update(value_heads=4, key_heads=2, key_head_dim=16, value_head_dim=16)
-    mixers["kda"].update(heads=4, head_dim=16)
-    return ModelSpec.from_config(cfg, name="tiny-apriel")
 
 
 def engine_placements(spec: ModelSpec) -> dict[str, list[str]]:
@@ -254,9 +237,7 @@ class Campaign:
         if self.device.type != "cuda":
             self.raw["skipped"].append("kernels: needs CUDA and fla")
             return
-        import engine_efficiency
-
-        self.raw["kernels"] = engine_efficiency.measure_kernels(self.spec, self.device, (16, 256, 1024), self.log)
+        self.raw["kernels"] = measure_kernels(self.spec, self.device, (16, 256, 1024), self.log)
 
     # -- 3. pieces ------------------------------------------------------------------------------
 
