@@ -131,9 +131,7 @@ def build_dataset(
     ``snapshots`` (pack A at each snapshot on the shared set) run, in this order (``("noise", "final")`` secures the
     noise set before a resumed final campaign takes the rest of the budget).
     """
-    unknown = [s for s in stages if s not in STAGES]
-    if unknown or not stages:
-        raise PlacementSearchError(f"--stages must name some of {', '.join(STAGES)}, got {', '.join(stages) or '(none)'}")
+    check_stages(stages)
     t_start = time.perf_counter()
 
     def left() -> float:
@@ -215,8 +213,17 @@ def build_dataset(
     return record
 
 
+def check_stages(stages: Sequence[str]) -> None:
+    """Raise a one-line error unless ``stages`` is a non-empty list of :data:`STAGES` names."""
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown or not stages:
+        raise PlacementSearchError(f"--stages must name some of {', '.join(STAGES)}, got {', '.join(stages) or '(none)'}")
+
+
 def main(args: Any) -> int:
     """``python -m placement_search.devnet dataset`` (see ``devnet/__main__.py``)."""
+    stages = tuple(s for s in args.stages.split(",") if s)
+    check_stages(stages)  # before the packs are built
     out = Path(args.work)
     supernet = Path(args.supernet)
     snapshots = sorted(p for p in Path(args.snapshots).glob("supernet-step*") if is_snapshot(p)) if args.snapshots else []
@@ -236,7 +243,7 @@ def main(args: Any) -> int:
     record = build_dataset(supernet, snapshots, packs, out / "devnet.sqlite", device=args.device,
                            batch_size=args.batch_size, budget_s=args.budget - pack_s, noise=args.noise,
                            shared=args.shared, placement_spec=args.placements or PLACEMENT_SPEC,
-                           final_limit=args.final_limit, stages=tuple(args.stages.split(",")),
+                           final_limit=args.final_limit, stages=stages,
                            progress=not args.quiet)  # fmt: skip
     record["pack_build_seconds"] = round(pack_s, 1)
     record["kernel_paths"] = backends
