@@ -32,6 +32,13 @@ mkdir -p "$TRITON_CACHE_DIR"
 [ -f results/devnet/triton-autotune.tar.gz ] && tar -xzf results/devnet/triton-autotune.tar.gz -C "$TRITON_CACHE_DIR"
 save_autotune() { (cd "$TRITON_CACHE_DIR" && find . -name '*.autotune.json' | tar -czf "$OUT/triton-autotune.tar.gz" -T -); }
 trap save_autotune EXIT
+# pack_dataset DIR NAME [EXTRA...]: DIR's campaign database (WAL folded in), speed.json, placements.csv and EXTRA
+# -> $OUT/NAME.tgz
+pack_dataset() {
+  local dir=$1 name=$2; shift 2
+  python3 -c "import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); c.execute('PRAGMA wal_checkpoint(TRUNCATE)'); c.close()" "$dir/devnet.sqlite"
+  tar -czf "$OUT/$name.tgz" -C "$dir" devnet.sqlite "$@" $(cd "$dir" && ls speed.json placements.csv 2>/dev/null)
+}
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader || true
 python3 -c "import torch, triton, fla; print('torch', torch.__version__, 'triton', triton.__version__, 'fla', getattr(fla, '__version__', '?'))" || echo 'fla does not import: GDN/KDA would run the slow torch path'
 case "$what" in
@@ -111,11 +118,8 @@ case "$what" in
     timeout "$tmo" python3 -m placement_search.devnet dataset --supernet results/devnet/supernet --work out/dataset \
       --stages noise,final --budget "$budget" --batch-size "${BATCH:-128}" --quiet 2>&1 | tee "$OUT/devnet-dataset.log"
     rc=${PIPESTATUS[0]}
-    for d in out/gpu/dataset-b out/dataset; do
-      python3 -c "import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); c.execute('PRAGMA wal_checkpoint(TRUNCATE)'); c.close()" "$d/devnet.sqlite"
-    done
-    tar -czf "$OUT/devnet-dataset-b.tgz" -C out/gpu/dataset-b devnet.sqlite $(cd out/gpu/dataset-b && ls speed.json placements.csv 2>/dev/null)
-    tar -czf "$OUT/devnet-dataset.tgz" -C out/dataset devnet.sqlite tasks-a tasks-b $(cd out/dataset && ls speed.json placements.csv 2>/dev/null)
+    pack_dataset out/gpu/dataset-b devnet-dataset-b
+    pack_dataset out/dataset devnet-dataset tasks-a tasks-b
     ls -la "$OUT"
     exit "$rc" ;;
   finish)
@@ -140,8 +144,7 @@ case "$what" in
     timeout "$tmo" python3 -m placement_search.devnet dataset --supernet results/devnet/supernet \
       "${snaps[@]}" --work out/gpu/dataset --budget "$budget" --quiet 2>&1 | tee "$OUT/devnet-dataset.log"
     rc=${PIPESTATUS[0]}
-    python3 -c "import sqlite3; c = sqlite3.connect('out/gpu/dataset/devnet.sqlite'); c.execute('PRAGMA wal_checkpoint(TRUNCATE)'); c.close()"
-    tar -czf "$OUT/devnet-dataset.tgz" -C out/gpu/dataset devnet.sqlite tasks-a tasks-b $(cd out/gpu/dataset && ls speed.json placements.csv 2>/dev/null)
+    pack_dataset out/gpu/dataset devnet-dataset tasks-a tasks-b
     ls -la "$OUT"
     exit "$rc" ;;
   dry-run)
