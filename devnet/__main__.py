@@ -76,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     ds.add_argument("--shared", type=int, default=320, help="placements scored at every snapshot (default 320)")
     ds.add_argument("--final-limit", type=int, default=None, metavar="N",
                     help="plan only the first N placements of the list (default all)")
+    ds.add_argument("--order-window", type=int, default=256, metavar="N",
+                    help="evaluate each N placements still to do in code order (shared leading layers are not "
+                         "recomputed on CUDA; 0: list order; default 256)")
     ds.add_argument("--stages", default="final,noise,snapshots",
                     help="campaigns to run, in order: final, noise, snapshots (default final,noise,snapshots)")
     ds.add_argument("--placements", default=None, metavar="SPEC",
@@ -88,6 +91,12 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("--work", required=True, help="the dataset run's folder (devnet.sqlite, tasks-a/, placements.csv)")
     ex.add_argument("--out", default="results/evaluations", help="where the tables go (default results/evaluations)")
     ex.add_argument("--name", default="devnet", help="file name prefix (default devnet: devnet-final.csv, ...)")
+    st = sub.add_parser("stability", help="ranking stability across checkpoints from the exported tables (CPU)")
+    st.add_argument("--run", default="results/evaluations/devnet-run-b-evaluations.csv.gz",
+                    help="tidy table of a run's final and intermediate checkpoints")
+    st.add_argument("--shipped", default="results/evaluations/devnet-final.csv",
+                    help="wide table of the shipped final checkpoint (compared too)")
+    st.add_argument("--out", default="results/devnet/stability", help="writes OUT.json and OUT.md")
     estimate.add_argument("--batch", type=int, default=1, help="rows per measured CPU step")
     estimate.add_argument("--out", help="write the estimate as JSON here")
     args = parser.parse_args(argv)
@@ -113,6 +122,15 @@ def main(argv: list[str] | None = None) -> int:
         (out / "preflight.json").unlink(missing_ok=True)
         print(json.dumps(prepare_gpu(out, model_spec(settings.size), torch.device(args.device))))
         return 0
+    if args.command == "stability":
+        from placement_search.devnet.dataset import stability_report
+        from placement_search.errors import PlacementSearchError
+
+        try:
+            return stability_report(args.run, args.shipped, args.out)
+        except PlacementSearchError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     if args.command == "dataset-export":
         from placement_search.devnet.dataset import export
 

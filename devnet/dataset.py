@@ -122,6 +122,7 @@ def build_dataset(
     stages: Sequence[str] = STAGES,
     scratch: str | Path | None = None,
     progress: bool = True,
+    order_window: int = 256,
 ) -> dict[str, Any]:
     """Run the campaigns (module docstring) and return the speed and counts record.
 
@@ -130,6 +131,7 @@ def build_dataset(
     ``stages``: which of ``final`` (pack A at the final checkpoint), ``noise`` (pack B on the noise set) and
     ``snapshots`` (pack A at each snapshot on the shared set) run, in this order (``("noise", "final")`` secures the
     noise set before a resumed final campaign takes the rest of the budget).
+    ``order_window``: see :meth:`Campaign.run` (code order inside windows: neighbours share leading layers).
     """
     check_stages(stages)
     t_start = time.perf_counter()
@@ -158,6 +160,7 @@ def build_dataset(
         "device": torch.cuda.get_device_name() if device.startswith("cuda") and torch.cuda.is_available() else device,
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
         "batch_size": batch_size,
+        "order_window": order_window,
         "placements_planned": len(placements),
         "fed_tokens_per_placement": final.built.plan.num_tokens,
         "scored_tokens_per_placement": final.built.plan.scored_tokens,
@@ -165,11 +168,13 @@ def build_dataset(
     }
 
     def stage(name: str, campaign: Campaign, todo: Sequence[Placement]) -> None:
-        summary = campaign.run(todo, progress=progress, max_seconds=max(0.0, left()), desc=name)
+        summary = campaign.run(todo, progress=progress, max_seconds=max(0.0, left()), desc=name,
+                               order_window=order_window)  # fmt: skip
         record["stages"].append({
             "stage": name, "checkpoint_hash": summary.checkpoint_hash, "evaluated": summary.evaluated,
             "skipped": summary.skipped, "left": summary.left, "seconds": round(summary.seconds, 2),
             "placements_per_second": round(summary.placements_per_second, 3) if summary.evaluated else None,
+            "cuda_graphs": campaign.graph_check,
         })  # fmt: skip
         print(f"{name}: {summary.evaluated} evaluated, {summary.skipped} done before, {summary.left} left, "
               f"{summary.seconds:.1f} s", flush=True)  # fmt: skip
@@ -243,7 +248,7 @@ def main(args: Any) -> int:
     record = build_dataset(supernet, snapshots, packs, out / "devnet.sqlite", device=args.device,
                            batch_size=args.batch_size, budget_s=args.budget - pack_s, noise=args.noise,
                            shared=args.shared, placement_spec=args.placements or PLACEMENT_SPEC,
-                           final_limit=args.final_limit, stages=stages,
+                           final_limit=args.final_limit, stages=stages, order_window=args.order_window,
                            progress=not args.quiet)  # fmt: skip
     record["pack_build_seconds"] = round(pack_s, 1)
     record["kernel_paths"] = backends
@@ -275,4 +280,43 @@ def export(work: str | Path, out: str | Path, *, name: str = "devnet") -> int:
                            final_checkpoint=(speed or {}).get("final_checkpoint", "supernet"))  # fmt: skip
     for key, path in paths.items():
         print(f"{key}: {path}")
+    return 0
+
+
+def stability_report(run: str | Path, shipped: str | Path, out: str | Path, *, final: str = "supernet") -> int:
+    """``python -m placement_search.devnet stability``: how the ranking of placements at each intermediate checkpoint
+    of a run (and at the shipped final) agrees with the run's final ranking, and with the shipped final's; writes
+    ``OUT.json`` and ``OUT.md`` (see :mod:`placement_search.evaluators.stability`)."""
+    from placement_search.evaluators.dataset import load_dataset
+    from placement_search.evaluators.stability import checkpoint_tables, ranking_stability
+    from placement_search.files import write_text_atomic
+
+    tables = checkpoint_tables(load_dataset(run))
+    if final not in tables:
+        raise PlacementSearchError(f"{run}: no final checkpoint ({final!r}) in this table")
+    shipped_table = pd.read_csv(shipped, dtype={"placement": str})
+    vs_run = ranking_stability({**tables, "shipped final": shipped_table}, final)
+    vs_shipped = ranking_stability({**tables, "shipped final": shipped_table}, "shipped final")
+    command = f"python -m placement_search.devnet stability --run {run} --shipped {shipped} --out {out}"
+    record = {
+        "what": "ranking stability of the placements' aggregate scores (retention against all-attention)",
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": command,
+        "run": str(run),
+        "shipped": str(shipped),
+        "against_run_final": vs_run.to_dict(orient="records"),
+        "against_shipped_final": vs_shipped.to_dict(orient="records"),
+    }
+    write_json_atomic(f"{out}.json", record)
+    lines = ["# Ranking stability across checkpoints", "",
+             f"From `{run}` (a run's final and intermediate checkpoints on shared placements) and `{shipped}`.",
+             f"Made by `{record['command']}`.", ""]  # fmt: skip
+    for title, frame in (("Against the run's final checkpoint", vs_run), ("Against the shipped final", vs_shipped)):
+        lines += [f"## {title}", "", "| checkpoint | placements | Spearman | Kendall | top-10% overlap | mean abs diff |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [f"| {r.checkpoint} | {r.placements} | {r.spearman:.3f} | {r.kendall:.3f} | {r.top10_overlap:.2f} | "
+                  f"{r.mean_abs_diff:.4f} |" for r in frame.itertuples()]  # fmt: skip
+        lines.append("")
+    write_text_atomic(f"{out}.md", "\n".join(lines))
+    print("\n".join(lines))
     return 0

@@ -6,12 +6,14 @@
 #   bash devnet/gpu.sh finish    # evidence + stability + issue 6's dataset (warm machine) -> $OUT/devnet-{evidence,dataset}.*
 #   DEVNET_RUN=out/gpu/run-b bash devnet/gpu.sh call2   # a second distillation run beside the shipped one
 #   bash devnet/gpu.sh finish-b  # run B's final + snapshots on the shared prefix, then the shipped final continued
+#   bash devnet/gpu.sh final     # the shipped final's campaign continued (fresh machine; carry .whl and out/carry)
+#   bash devnet/gpu.sh throughput  # `placement-search throughput --measure` vs the table's prediction (TP_CASES)
 #   bash devnet/gpu.sh dry-run   # the dry run on the GPU (real kernels, tiny batches), ~2-3 min
 #   bash devnet/gpu.sh py SCRIPT [ARGS]  # a script with this set-up (the calls share T0: chain with ';' in one command)
 # Needs `.whl` carried (fla_core-0.6.0 wheel; `finish` also needs lm-eval's wheels). Each command is wrapped in
 # `timeout` so the call ends (and packs what exists) before the device's 10-minute limit even if a stage overran.
 set -uo pipefail
-what=${1:?preflight, call1, call2, finish, finish-b, dry-run or py}
+what=${1:?preflight, call1, call2, finish, finish-b, final, throughput, dry-run or py}
 T0=${GPU_CALL_T0:-$(date +%s)}  # chained invocations in one call: export GPU_CALL_T0=$(date +%s) first
 CALL_S=${CALL_S:-570}  # the whole call's budget (the device stops a command at 600 s)
 left() { echo $(( CALL_S - ($(date +%s) - T0) )); }
@@ -46,6 +48,8 @@ case "$what" in
     # any script with this set-up (PYTHONPATH, Triton cache and its autotuning results), e.g.
     #   bash devnet/gpu.sh py benchmarks/profile_distill_step.py --out "$OUT/profile_distill_step_h200.json"
     shift
+    # every carried wheel (lm-eval and its dependencies too, when they travelled)
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 3
     PYTHONSAFEPATH= timeout "$(( $(left) - 10 ))" python3 "$@" 2>&1 | tee -a "$OUT/devnet-py.log"  # the script's folder first (sibling imports)
     exit "${PIPESTATUS[0]}" ;;
   preflight)
@@ -79,6 +83,12 @@ case "$what" in
         [ -e "results/devnet/$f" ] && cp -r "results/devnet/$f" "$RUN/"
       done
     fi
+    if [ -n "${DEVNET_STEPS:-}" ] && [ "$RUN" != results/devnet ]; then
+      # a fixed step count (the shipped run's: 405) instead of the time budget: the same LR schedule as that run
+      python3 -c "import json, sys; p = sys.argv[1]; s = json.load(open(p)); s['distill']['steps'] = int(sys.argv[2]); json.dump(s, open(p, 'w'), indent=1)" \
+        "$RUN/settings.json" "$DEVNET_STEPS" || exit 3
+      log "distillation fixed at $DEVNET_STEPS steps"
+    fi
     if [ ! -f "$RUN/teacher/config.json" ] && [ -f results/devnet/teacher-overlay/snapshot.json ]; then
       log "teacher rebuilt from results/devnet/teacher-overlay over results/devnet/supernet"
       python3 -c "import sys; from placement_search.devnet.snapshots import materialize_snapshot as m; m(*sys.argv[1:])" \
@@ -86,7 +96,7 @@ case "$what" in
     fi
     log "call 2: preflight + distillation -> $RUN"
     timeout "$(( $(left) - 25 ))" python3 -m placement_search.devnet train --out "$RUN" --device cuda \
-      --stages corpus,supernet 2>&1 | tee "$OUT/devnet-call2.log"
+      --stages corpus,supernet ${DEVNET_STEPS:+--overwrite-settings} 2>&1 | tee "$OUT/devnet-call2.log"
     rc=${PIPESTATUS[0]}
     log "train exit $rc; packing"
     python3 -m placement_search.devnet pack --out "$RUN" --dest "$OUT" --call 2
@@ -121,6 +131,40 @@ case "$what" in
     pack_dataset out/gpu/dataset-b devnet-dataset-b
     pack_dataset out/dataset devnet-dataset tasks-a tasks-b
     ls -la "$OUT"
+    exit "$rc" ;;
+  throughput)
+    # `placement-search throughput --measure` on this GPU at the 15B sizes, beside the shipped table's prediction for
+    # the same placement and conditions (issue 4's CLI on a GPU) -> $OUT/throughput-check.jsonl
+    # every carried wheel: the CLI needs jsonschema (and its referencing, rpds-py, specifications) beside fla
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 3
+    cases=${TP_CASES:-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA@16384@fixed:16 SSSSSSSSGGGGGGGGKKKKKKKKAAAAAAAASSSSSSSSGGGGGGGG@32768@fixed:16 GKSAGKSAGKSAGKSAGKSAGKSAGKSAGKSAGKSAGKSAGKSAGKSA@32768@max_fit}
+    for spec in $cases; do
+      IFS=@ read -r code ctx pol <<< "$spec"
+      [ "$(left)" -gt 60 ] || { log "out of time before $code"; break; }
+      for how in --measure ""; do
+        log "throughput $code $ctx $pol ${how:-predict}"
+        timeout "$(( $(left) - 10 ))" python3 -m placement_search throughput "$code" --context "$ctx" \
+          --batch-policy "$pol" $how --json > /tmp/tp.json 2> >(tee -a "$OUT/throughput-check.log" >&2) \
+          && python3 -c "import json, sys; print(json.dumps(json.load(open('/tmp/tp.json'))))" >> "$OUT/throughput-check.jsonl"
+        tail -c 400 /tmp/tp.json; echo
+      done
+    done
+    exit 0 ;;
+  final)
+    # the shipped final's campaign continued on a fresh machine (no run B needed): STAGES (default noise,final)
+    # with the packs and database carried in out/carry/devnet-dataset.tgz -> $OUT/devnet-dataset.tgz
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 3
+    export HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1
+    if [ ! -f out/dataset/devnet.sqlite ] && [ -f out/carry/devnet-dataset.tgz ]; then
+      mkdir -p out/dataset && tar -xzf out/carry/devnet-dataset.tgz -C out/dataset || exit 3
+    fi
+    [ -f out/dataset/tasks-a/pack.json ] && [ -f out/dataset/devnet.sqlite ] || { echo "carry out/carry or out/dataset"; exit 9; }
+    budget=$(( $(left) - 60 )); tmo=$(( $(left) - 15 ))
+    log "shipped final: ${STAGES:-noise,final}, budget ${budget} s"
+    timeout "$tmo" python3 -m placement_search.devnet dataset --supernet results/devnet/supernet --work out/dataset \
+      --stages "${STAGES:-noise,final}" --budget "$budget" --batch-size "${BATCH:-128}" --quiet 2>&1 | tee "$OUT/devnet-dataset.log"
+    rc=${PIPESTATUS[0]}
+    pack_dataset out/dataset devnet-dataset tasks-a tasks-b
     exit "$rc" ;;
   finish)
     # evidence + ranking stability (issue 5), then issue 6's dataset: packs + campaigns at the final and the

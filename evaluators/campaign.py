@@ -25,6 +25,7 @@ import os
 import sqlite3
 import tempfile
 import time
+import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -66,17 +67,48 @@ CREATE TABLE IF NOT EXISTS checkpoints (checkpoint_hash TEXT PRIMARY KEY, path T
 
 
 def checkpoint_hash(path: str | os.PathLike[str]) -> str:
-    """SHA-256 over ``config.json`` and every ``*.safetensors`` / index file of a checkpoint (names and bytes)."""
+    """SHA-256 of a checkpoint's content: its config (``config.json`` parsed, as canonical JSON) and every tensor of
+    its ``*.safetensors`` files in name order (name, dtype, shape and raw bytes, read from the safetensors header's
+    offsets). Re-sharding or re-saving the same weights keeps the key (files differing only in their layout or
+    header metadata hash alike); any change of a weight or of the config changes it."""
     p = Path(path)
-    files = sorted(f for f in p.iterdir() if f.name == "config.json" or f.name.endswith((".safetensors", ".index.json")))
-    if not any(f.name == "config.json" for f in files):
+    config = p / "config.json"
+    if not config.is_file():
         raise PlacementSearchError(f"{p}: not a checkpoint (no config.json)")
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f.name.encode() + b"\0")
+    try:
+        cfg = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PlacementSearchError(f"{config}: unreadable config ({e})") from None
+    tensors: dict[str, tuple[Path, int, dict[str, Any]]] = {}
+    for f in sorted(p.glob("*.safetensors")):
         with open(f, "rb") as fh:
-            for chunk in iter(lambda fh=fh: fh.read(1 << 22), b""):
+            head = fh.read(8)
+            size = int.from_bytes(head, "little") if len(head) == 8 else -1
+            try:
+                header = json.loads(fh.read(size)) if 0 < size < (1 << 27) else None
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                header = None
+        if not isinstance(header, dict):
+            raise PlacementSearchError(f"{f}: not a safetensors file (bad header)")
+        for name, info in header.items():
+            if name != "__metadata__":
+                if name in tensors:
+                    raise PlacementSearchError(f"{f}: tensor {name!r} is also in {tensors[name][0].name}")
+                tensors[name] = (f, 8 + size, info)
+    h = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode() + b"\0")
+    for name in sorted(tensors):
+        f, base, info = tensors[name]
+        start, end = info["data_offsets"]
+        h.update(json.dumps([name, info["dtype"], info["shape"]]).encode() + b"\0")
+        with open(f, "rb") as fh:
+            fh.seek(base + start)
+            left = end - start
+            while left > 0:
+                chunk = fh.read(min(left, 1 << 22))
+                if not chunk:
+                    raise PlacementSearchError(f"{f}: tensor {name!r} is truncated")
                 h.update(chunk)
+                left -= len(chunk)
     return h.hexdigest()
 
 
@@ -185,9 +217,13 @@ class CampaignTasks:
         requests = list(pool)
         return cls(plans, requests, ScoringPlan(requests, encoder.max_length, batch_size, share_contexts), settings)
 
-    def score(self, model: Any) -> dict[str, tuple[dict[str, float], int]]:
-        """Per task: (``{"metric,filter": value}``, documents) under ``model``'s current placement."""
-        results = self.plan.run(model)
+    def score(self, model: Any, forward: Callable[[Any], Any] | None = None) -> dict[str, tuple[dict[str, float], int]]:
+        """Per task: (``{"metric,filter": value}``, documents) under ``model``'s current placement (``forward``:
+        see :meth:`ScoringPlan.run <placement_search.evaluators.lm_eval_model.ScoringPlan.run>`)."""
+        return self.metrics(self.plan.run(model, forward))
+
+    def metrics(self, results: Sequence[tuple[float, bool]]) -> dict[str, tuple[dict[str, float], int]]:
+        """Per task metrics from the scored requests (``ScoringPlan.run``'s list)."""
         return {name: _task_metrics(tp, results) for name, tp in self.tasks.items()}
 
 
@@ -254,6 +290,26 @@ def done_keys(conn: sqlite3.Connection, ckpt: str) -> set[tuple[str, str, str]]:
     return {tuple(r) for r in rows}  # type: ignore[misc]
 
 
+def rekey_checkpoint(db: str | os.PathLike[str], old: str, new: str) -> int:
+    """Move every result stored under checkpoint hash ``old`` to ``new``: the same weights under another key (a
+    checkpoint re-saved before :func:`checkpoint_hash` hashed content, say). Where ``new`` already holds a key the
+    row under ``new`` is kept and the one under ``old`` dropped. Returns the number of evaluations moved."""
+    if not Path(db).is_file():
+        raise PlacementSearchError(f"{db}: no such results database")
+    conn = connect(db)
+    try:
+        with conn:
+            moved = conn.execute("UPDATE OR IGNORE evaluations SET checkpoint_hash = ? WHERE checkpoint_hash = ?",
+                                 (new, old)).rowcount  # fmt: skip
+            for table in ("scores", "checkpoints"):
+                conn.execute(f"UPDATE OR IGNORE {table} SET checkpoint_hash = ? WHERE checkpoint_hash = ?", (new, old))
+            for table in ("evaluations", "scores", "checkpoints"):
+                conn.execute(f"DELETE FROM {table} WHERE checkpoint_hash = ?", (old,))
+    finally:
+        conn.close()
+    return moved
+
+
 def load_results(db: str | os.PathLike[str]) -> pd.DataFrame:
     """Tidy results: one row per checkpoint, placement, task, settings and metric, with the evaluation's details."""
     if not Path(db).is_file():
@@ -308,11 +364,19 @@ class Campaign:
         batch_size: int = 16,
         max_length: int | None = None,
         share_contexts: bool | None = None,
+        cuda_graphs: bool | None = None,
     ) -> None:
         """``share_contexts`` (default: on CPU only): score requests that share a context from one context pass
-        (:class:`~placement_search.evaluators.lm_eval_model.ScoringPlan`); scores agree either way to rounding."""
+        (:class:`~placement_search.evaluators.lm_eval_model.ScoringPlan`); scores agree either way to rounding.
+        ``cuda_graphs`` (default: on CUDA): run the plan's batches through
+        :class:`~placement_search.evaluators.graphs.GraphedPrefill`, captured on the first placement and checked
+        there against the eager forward (``graph_check``); when capture fails or the check does not hold, the
+        campaign warns and runs eagerly."""
         from placement_search.evaluators.tokenizer import load_tokenizer
 
+        self.cuda_graphs = str(device).startswith("cuda") if cuda_graphs is None else cuda_graphs
+        self.graphs: Any = None
+        self.graph_check: dict[str, Any] | None = None
         self.task_spec = str(tasks)
         self.device, self.dtype_name, self.db = device, dtype, Path(db)
         task_objects = load_lm_eval_tasks(tasks)
@@ -337,10 +401,14 @@ class Campaign:
         ckpt_dir = Path(checkpoint)
         if not ckpt_dir.is_dir():
             raise PlacementSearchError(f"{ckpt_dir}: no such checkpoint directory")
-        old = getattr(self, "model", None)
-        self.model = None  # free the previous weights first
-        del old
-        self.model = load_supernet(ckpt_dir, device=self.device, dtype=parse_dtype(self.dtype_name, self.device))
+        dtype = parse_dtype(self.dtype_name, self.device)
+        if getattr(self, "graphs", None) is not None:  # the graphs read the captured model's parameters: copy in place
+            self.graphs.load_weights(load_supernet(ckpt_dir, device=self.device, dtype=dtype))
+        else:
+            old = getattr(self, "model", None)
+            self.model = None  # free the previous weights first
+            del old
+            self.model = load_supernet(ckpt_dir, device=self.device, dtype=dtype)
         self.model.eval().requires_grad_(False)
         if hasattr(self, "built") and str(self.model.dtype) != self.built.settings[next(iter(self.built.settings))]["dtype"]:
             raise PlacementSearchError(f"{ckpt_dir}: loads as {self.model.dtype}, the tasks were built for another dtype")
@@ -356,12 +424,18 @@ class Campaign:
         max_seconds: float | None = None,
         on_placement: Callable[[int, Placement], None] | None = None,
         desc: str = "placements",
+        order_window: int = 0,
     ) -> CampaignSummary:
         """Evaluate ``placements`` under the current checkpoint, storing each as it finishes.
 
         ``max_seconds``: start no new placement after this many seconds (the rest stay for a rerun); a positive
         budget always evaluates at least one placement, 0 none.
         ``on_placement(i, placement)`` is called after placement ``i`` is committed (progress hooks, tests).
+        ``order_window``: evaluate each run of that many consecutive placements still to do in placement-code order,
+        so that neighbours share leading layers, which the CUDA-graphed forward does not recompute (0: as given).
+
+        The next placement is queued on the device before the previous one's scores are read and stored, so the
+        device does not wait for the host's bookkeeping; an interruption loses at most those two placements.
         """
         from tqdm import tqdm
 
@@ -378,14 +452,17 @@ class Campaign:
                                  (tp.settings_hash, json.dumps(built.settings[name], sort_keys=True)))  # fmt: skip
             done = done_keys(conn, ckpt)
             todo = [p for p in chosen if any((p.code(), n, tp.settings_hash) not in done for n, tp in built.tasks.items())]
-            start = time.perf_counter()
-            for i, p in enumerate(tqdm(todo, desc=desc, unit="placement", disable=not progress)):
-                if max_seconds is not None and (max_seconds <= 0 or (i and time.perf_counter() - start >= max_seconds)):
-                    break  # a positive budget always buys the first placement, so repeated runs make progress
-                t0 = time.perf_counter()
-                model.set_placement(p)
-                scored = built.score(model)
-                seconds = time.perf_counter() - t0
+            if order_window > 1:
+                todo = [p for k in range(0, len(todo), order_window)
+                        for p in sorted(todo[k : k + order_window], key=Placement.code)]  # fmt: skip
+            forward = self._graphed(todo[0]) if todo and max_seconds != 0 else None
+            start = last_done = time.perf_counter()
+
+            def finish(i: int, p: Placement, launched: Any) -> None:
+                nonlocal evaluated, last_done
+                scored = built.metrics(built.plan.collect(launched))
+                now = time.perf_counter()
+                seconds, last_done = now - last_done, now
                 stamp = datetime.now(UTC).isoformat(timespec="milliseconds")
                 with conn:  # one transaction per placement
                     for name, (metrics, docs) in scored.items():
@@ -399,11 +476,77 @@ class Campaign:
                 evaluated += 1
                 if on_placement is not None:
                     on_placement(i, p)
+
+            pending: tuple[int, Placement, Any] | None = None
+            for i, p in enumerate(tqdm(todo, desc=desc, unit="placement", disable=not progress)):
+                if max_seconds is not None and (max_seconds <= 0 or (i and time.perf_counter() - start >= max_seconds)):
+                    break  # a positive budget always buys the first placement, so repeated runs make progress
+                model.set_placement(p)
+                launched = built.plan.launch(model, forward)
+                if pending is not None:
+                    finish(*pending)
+                pending = (i, p, launched)
+            if pending is not None:
+                finish(*pending)
             elapsed = time.perf_counter() - start
         finally:
             conn.close()
         return CampaignSummary(evaluated, len(chosen) - len(todo), elapsed, built.plan.num_tokens,
                                built.plan.scored_tokens, ckpt, len(todo) - evaluated)  # fmt: skip
+
+
+    def _graphed(self, placement: Placement) -> Any:
+        """The CUDA-graphed forward (None when off or unusable here), captured and checked on first use: the first
+        placement and one sharing its first half (prefix reuse) are scored eagerly and through the graphs, and the
+        graphs are used when every request's log-likelihood agrees within ``GRAPH_RTOL`` (relative) and no greedy
+        match flips."""
+        if not self.cuda_graphs or self.graph_check is not None:
+            return self.graphs
+
+        from placement_search.evaluators.graphs import GraphedPrefill
+
+        plan, model = self.built.plan, self.model
+        # the first placement, then one sharing its first half (run second: the graphs start at the changed layer)
+        names = list(placement.mixers)
+        half = len(names) // 2
+        offered = [model.built[i] for i in range(len(names))]
+        second = Placement(names[:half] + [o[(o.index(n) + 1) % len(o)] for n, o in zip(names[half:], offered[half:],
+                                                                                         strict=True)], placement.space)
+        t0 = time.perf_counter()
+        try:
+            eager, graphed = [], []
+            for p in (placement, second):
+                model.set_placement(p)
+                eager.extend(plan.run(model))
+            graphs = GraphedPrefill(model, plan.batch_shapes)
+            for p in (placement, second):
+                model.set_placement(p)
+                graphed.extend(plan.run(model, graphs))
+        except Exception as e:  # capture is not possible with some kernel path here: run eagerly
+            self.graph_check = {"ok": False, "error": f"{type(e).__name__}: {e}"[:500]}
+            warnings.warn(f"CUDA graphs off ({self.graph_check['error']}): evaluating eagerly", stacklevel=2)
+            return None
+        finally:
+            model.set_placement(placement)
+        rel = max((abs(a - b) / max(1.0, abs(a)) for (a, _), (b, _) in zip(eager, graphed, strict=True)), default=0.0)
+        flips = sum(x != y for (_, x), (_, y) in zip(eager, graphed, strict=True))
+        ok = rel <= GRAPH_RTOL and flips == 0
+        self.graph_check = {"ok": ok, "placements": [placement.code(), second.code()], "requests": len(eager),
+                            "layers_skipped": graphs.layers_skipped, "max_rel_diff": rel,
+                            "greedy_flips": flips, "graphs": graphs.num_graphs, "shapes": graphs.shapes,
+                            "capture_seconds": round(graphs.capture_seconds, 2),
+                            "check_seconds": round(time.perf_counter() - t0, 2)}  # fmt: skip
+        if not ok:
+            warnings.warn(f"CUDA graphs off: graphed scores differ from eager ({rel:.2e} relative, {flips} greedy "
+                          "flips): evaluating eagerly", stacklevel=2)  # fmt: skip
+            return None
+        self.graphs = graphs
+        return graphs
+
+
+#: Largest relative difference between a request's graphed and eager log-likelihood for the graphs to be used: the
+#: two run the same kernels on the same inputs, so anything beyond float rounding means a capture went wrong.
+GRAPH_RTOL = 1e-4
 
 
 def run_campaign(

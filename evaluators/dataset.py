@@ -11,7 +11,7 @@ all-attention, :func:`placement_search.evaluators.quality.aggregate_retention`) 
 and ``optimize`` read.
 
 :func:`export_dataset` writes ``<name>-evaluations.csv.gz`` (tidy), ``<name>-final.csv`` (wide, final checkpoint,
-sample set ``a``), ``<name>-noise.csv`` (placements scored on two sample sets) and ``<name>-dataset.json``
+sample set ``a``), ``<name>-noise.csv`` (placements scored on two sample sets; only when some were) and ``<name>-dataset.json``
 (provenance, counts); :func:`load_dataset` reads the tidy table back. Needs pandas only (no torch).
 """
 
@@ -137,8 +137,12 @@ def export_dataset(
     with atomic_open(paths["final"], "w") as f:
         final.to_csv(f, index=False, float_format="%.8g")
     noise = _noise_table(long, final_checkpoint)
-    with atomic_open(paths["noise"], "w") as f:
-        noise.to_csv(f, index=False, float_format="%.8g")
+    if noise.empty:  # no placement scored on a second sample set: no noise table
+        paths.pop("noise")
+        Path(out / f"{name}-noise.csv").unlink(missing_ok=True)
+    else:
+        with atomic_open(paths["noise"], "w") as f:
+            noise.to_csv(f, index=False, float_format="%.8g")
     counts = (long.drop_duplicates(["checkpoint", "sample_set", "placement"])
               .groupby(["checkpoint", "sample_set"]).size())  # fmt: skip
     write_json_atomic(paths["provenance"], {

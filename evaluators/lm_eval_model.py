@@ -314,14 +314,31 @@ class ScoringPlan:
         return total
 
     @property
+    def batch_shapes(self) -> list[tuple[int, int]]:
+        """``(rows, width)`` of each plain batch's right-padded input (what the whole-sequence forward sees)."""
+        return [(len(b), max(len(self.sequences[s]) for s in b)) for b in self.batches]
+
+    @property
     def scored_tokens(self) -> int:
         """Continuation tokens scored per placement."""
         return sum(len(t) for _, _, t in self.items)
 
+    def run(
+        self, model: Supernet, forward: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> list[tuple[float, bool]]:
+        """Score every request under ``model``'s current placement; ``forward`` (default ``model``) computes the
+        whole-sequence logits of the plain batches (for example :class:`~placement_search.evaluators.graphs.GraphedPrefill`)."""
+        return self.collect(self.launch(model, forward))
+
     @torch.no_grad()
-    def run(self, model: Supernet) -> list[tuple[float, bool]]:
-        """Score every request under ``model``'s current placement."""
+    def launch(
+        self, model: Supernet, forward: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queue the scoring of every request on ``model``'s device without waiting for it: per request, the summed
+        log-probability (float64) and the count of greedy misses. :meth:`collect` waits and reads them; meanwhile
+        the model may switch placement and queue the next run (the queued work already holds its mixers)."""
         device = model.device
+        forward = model if forward is None else forward
         logp_sum = torch.zeros(self.n, dtype=torch.float64, device=device)
         misses = torch.zeros(self.n, dtype=torch.long, device=device)
 
@@ -331,12 +348,17 @@ class ScoringPlan:
             misses.index_add_(0, owner, (picked.argmax(-1) != tok).long())
 
         for x, rows, pos, tok, owner in self._batch_tensors(device):
-            logits = model(x)
+            logits = forward(x)
             add(logits[rows, pos].float(), tok, owner)  # [n_tok, V]
         for c in self.chunks:
             where, tok, owner = (t.to(device) for t in c.gather)
             add(self._run_chunk(model, c)[where].float(), tok, owner)
-        # one transfer at the end: no host sync per batch
+        return logp_sum, misses
+
+    @staticmethod
+    def collect(launched: tuple[torch.Tensor, torch.Tensor]) -> list[tuple[float, bool]]:
+        """``(log-likelihood, greedy)`` per request from :meth:`launch`'s tensors (one transfer: the only host sync)."""
+        logp_sum, misses = launched
         return [(float(v), bool(m == 0)) for v, m in zip(logp_sum.tolist(), misses.tolist(), strict=True)]
 
     def _batch_tensors(self, device: torch.device) -> list[tuple[torch.Tensor, ...]]:

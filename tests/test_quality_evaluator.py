@@ -9,6 +9,7 @@ import os
 import sqlite3
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -363,6 +364,15 @@ def test_dataset_run_final_noise_and_snapshots(pack: dict, tmp_path: Path) -> No
     assert meta["placements"]["ckpt/a"] == n_final and meta["noise"]["placements"] == n_noise
     with pytest.raises(Exception, match="no such dataset table"):
         load_dataset(tmp_path / "missing.csv.gz")
+    # ranking stability of the snapshot against the final (here also the "shipped" table): JSON + Markdown
+    assert D.stability_report(paths["evaluations"], paths["final"], tmp_path / "stab", final="ckpt") == 0
+    stab = json.loads((tmp_path / "stab.json").read_text())
+    rows = {r["checkpoint"]: r for r in stab["against_run_final"]}
+    assert rows["shipped final"]["spearman"] == pytest.approx(1.0) and rows["shipped final"]["mean_abs_diff"] < 1e-6
+    assert rows["supernet-step000007"]["placements"] == 3 and -1 <= rows["supernet-step000007"]["kendall"] <= 1
+    assert "| supernet-step000007 | 3 |" in (tmp_path / "stab.md").read_text()
+    with pytest.raises(PlacementSearchError, match="no final checkpoint"):
+        D.stability_report(paths["evaluations"], paths["final"], tmp_path / "stab2")
 
 
 def test_verify_presets_reports_and_extends_the_table(
@@ -448,3 +458,77 @@ def test_evaluate_cli_budget_and_resume(pack: dict, tmp_path: Path, capsys: pyte
     assert "evaluated 2 placements (1 already done)" in capsys.readouterr().out
     assert main([*argv, "--max-minutes", "0"]) == 2
     assert "--max-minutes must be > 0" in capsys.readouterr().err
+    assert main([*argv, "--order-window", "-1"]) == 2
+    assert "--order-window must be >= 0" in capsys.readouterr().err
+    # the per-layer schedule (CPU: eager steps), in code order: more placements, the same database
+    argv2 = [a if a != "uniform:3" else "uniform:5" for a in argv]
+    assert main([*argv2, "--cuda-graphs", "yes", "--order-window", "4", "--share-contexts", "no"]) == 0
+    assert "evaluated 2 placements (3 already done)" in capsys.readouterr().out
+
+
+def test_checkpoint_hash_is_the_content_and_rekey_moves_results(pack: dict, tmp_path: Path) -> None:
+    from placement_search.evaluators.campaign import checkpoint_hash, rekey_checkpoint
+
+    model = pack["model"]
+    one, sharded, changed = tmp_path / "one", tmp_path / "sharded", tmp_path / "changed"
+    save_checkpoint(model, one)
+    save_checkpoint(model, sharded, max_shard_bytes=20_000)  # other files, other headers: the same weights
+    assert len(list(sharded.glob("*.safetensors"))) > 1
+    assert checkpoint_hash(one) == checkpoint_hash(sharded) == checkpoint_hash(pack["ckpt"])
+    other = random_supernet(model.spec, seed=0)
+    with torch.no_grad():
+        other.lm_head.weight[0, 0] += 1.0
+    save_checkpoint(other, changed)
+    assert checkpoint_hash(changed) != checkpoint_hash(one)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text("{}")
+    (tmp_path / "bad" / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+    with pytest.raises(PlacementSearchError, match=r"model\.safetensors: not a safetensors file"):
+        checkpoint_hash(tmp_path / "bad")
+    # results stored under an old key move to the new one; a key present under both keeps the new row
+    db = tmp_path / "r.sqlite"
+    run_campaign(pack["ckpt"], pack["tasks"], ["gdn,kda", "attention,gdn"], db, batch_size=4, progress=False)
+    new = checkpoint_hash(pack["ckpt"])
+    with sqlite3.connect(db) as conn:
+        for table in ("evaluations", "scores", "checkpoints"):
+            conn.execute(f"UPDATE {table} SET checkpoint_hash = 'old'")
+    run_campaign(pack["ckpt"], pack["tasks"], ["attention,gdn"], db, batch_size=4, progress=False)
+    assert rekey_checkpoint(db, "old", new) > 0
+    df = load_results(db)
+    assert set(df.checkpoint_hash) == {new} and df.placement.nunique() == 2
+    assert run_campaign(pack["ckpt"], pack["tasks"], ["gdn,kda", "attention,gdn"], db, batch_size=4,
+                        progress=False).evaluated == 0  # fmt: skip
+
+
+def test_layer_schedule_reuses_prefixes_and_matches_the_model(pack: dict, tmp_path: Path) -> None:
+    from placement_search.evaluators.campaign import Campaign
+    from placement_search.evaluators.graphs import GraphedPrefill
+
+    model = random_supernet(pack["model"].spec, seed=3)  # 2 layers: reuse skips layer 0 when only layer 1 changes
+    x = torch.randint(0, 300, (3, 17))
+    runner = GraphedPrefill(model, [(3, 17)])
+    assert runner.graphs is False and runner.num_graphs == 0
+    with pytest.raises(PlacementSearchError, match="CUDA graphs need a CUDA model"):
+        GraphedPrefill(model, graphs=True)
+    with torch.no_grad():
+        for placement in ("gdn,kda", "gdn,attention", "kda,attention", "kda,attention", "gdn,attention"):
+            model.set_placement(placement)
+            assert torch.equal(runner(x), model(x)), placement
+    assert (runner.layers_skipped, runner.layers_run) == (1 + 2, 2 + 1 + 2 + 0 + 2)
+    runner(x.clone())  # another input of the same shape: no reuse
+    assert runner.layers_skipped == 3
+    # a campaign through the per-layer schedule (CPU: eager steps), pipelined and in code order, stores the same scores
+    placements = ["kda,gdn", "attention,gdn", "attention,kda", "gdn,gdn", "attention,attention"]
+    plain = Campaign(pack["ckpt"], pack["tasks"], tmp_path / "plain.sqlite", batch_size=4, share_contexts=False)
+    plain.run(placements, progress=False)
+    seen: list[str] = []
+    layered = Campaign(pack["ckpt"], pack["tasks"], tmp_path / "layered.sqlite", batch_size=4, share_contexts=False,
+                       cuda_graphs=True)  # fmt: skip
+    summary = layered.run(placements, progress=False, order_window=3, on_placement=lambda i, p: seen.append(p.code()))
+    assert summary.evaluated == 5 and layered.graph_check["ok"] and layered.graph_check["layers_skipped"] > 0
+    assert seen[:3] == sorted(seen[:3]) and seen[3:] == sorted(seen[3:]) and len(set(seen)) == 5
+    a, b = (load_results(tmp_path / f"{n}.sqlite").set_index(["placement", "task", "metric"]).value.sort_index()
+            for n in ("plain", "layered"))  # fmt: skip
+    assert a.index.equals(b.index)
+    assert np.allclose(a.to_numpy(dtype=float), b.to_numpy(dtype=float), rtol=1e-9, atol=0, equal_nan=True)
+    assert layered.graphs.layers_skipped > layered.graph_check["layers_skipped"]  # code-order neighbours share layer 0

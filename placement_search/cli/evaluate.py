@@ -37,6 +37,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--share-contexts", choices=["auto", "yes", "no"], default="auto",
                    help="score requests sharing a context (multiple choice) from one context pass; "
                         "auto: on CPU only (default)")
+    p.add_argument("--cuda-graphs", choices=["auto", "yes", "no"], default="auto",
+                   help="run each layer as a CUDA graph, checked against the eager forward first (on CPU, yes runs "
+                        "the same per-layer schedule eagerly); auto: on CUDA")
+    p.add_argument("--order-window", type=int, default=0, metavar="N",
+                   help="evaluate each N placements in code order, so neighbours share leading layers that the "
+                        "graphed forward does not recompute (default 0: the given order)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -60,12 +66,15 @@ def run(args: argparse.Namespace) -> int:
         placements = load_placements(args.placements, space)
     else:
         placements = sample_placements(space, args.sample, args.seed)
+    if args.order_window < 0:
+        raise PlacementSearchError(f"--order-window must be >= 0, got {args.order_window}")
     if args.max_minutes is not None and args.max_minutes <= 0:
         raise PlacementSearchError(f"--max-minutes must be > 0, got {args.max_minutes}")
     share = {"auto": None, "yes": True, "no": False}[args.share_contexts]
+    graphs = {"auto": None, "yes": True, "no": False}[args.cuda_graphs]
     campaign = Campaign(ckpt, args.tasks, args.db, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
-                        max_length=args.max_length, share_contexts=share)  # fmt: skip
-    summary = campaign.run(placements, progress=not args.quiet,
+                        max_length=args.max_length, share_contexts=share, cuda_graphs=graphs)  # fmt: skip
+    summary = campaign.run(placements, progress=not args.quiet, order_window=args.order_window,
                            max_seconds=None if args.max_minutes is None else 60 * args.max_minutes)  # fmt: skip
     left = f", {summary.left} left for a rerun" if summary.left else ""
     rate = f" ({summary.placements_per_second:.2f}/s)" if summary.evaluated else ""
