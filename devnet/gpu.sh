@@ -76,18 +76,13 @@ case "$what" in
     # (a second run beside the shipped supernet: its inputs are copied from results/devnet). The teacher comes
     # from results/devnet/teacher, or is rebuilt from results/devnet/teacher-overlay (its attention tensors,
     # 4.8 MB) over the shipped supernet's frozen ones (bit-identical; devnet/snapshots.py checks a fingerprint).
+    # DEVNET_STEPS fixes the distillation's length (`train --distill-steps`; the shipped run took 405 steps).
     RUN=${DEVNET_RUN:-results/devnet}
     if [ "$RUN" != results/devnet ]; then
       mkdir -p "$RUN" || exit 3
       for f in settings.json corpus.npz corpus-manifest.json tokenizer teacher teacher-log.jsonl summary.json preflight.json; do
         [ -e "results/devnet/$f" ] && cp -r "results/devnet/$f" "$RUN/"
       done
-    fi
-    if [ -n "${DEVNET_STEPS:-}" ] && [ "$RUN" != results/devnet ]; then
-      # a fixed step count (the shipped run's: 405) instead of the time budget: the same LR schedule as that run
-      python3 -c "import json, sys; p = sys.argv[1]; s = json.load(open(p)); s['distill']['steps'] = int(sys.argv[2]); json.dump(s, open(p, 'w'), indent=1)" \
-        "$RUN/settings.json" "$DEVNET_STEPS" || exit 3
-      log "distillation fixed at $DEVNET_STEPS steps"
     fi
     if [ ! -f "$RUN/teacher/config.json" ] && [ -f results/devnet/teacher-overlay/snapshot.json ]; then
       log "teacher rebuilt from results/devnet/teacher-overlay over results/devnet/supernet"
@@ -96,7 +91,8 @@ case "$what" in
     fi
     log "call 2: preflight + distillation -> $RUN"
     timeout "$(( $(left) - 25 ))" python3 -m placement_search.devnet train --out "$RUN" --device cuda \
-      --stages corpus,supernet ${DEVNET_STEPS:+--overwrite-settings} 2>&1 | tee "$OUT/devnet-call2.log"
+      --stages corpus,supernet ${DEVNET_STEPS:+--distill-steps "$DEVNET_STEPS" --overwrite-settings} 2>&1 \
+      | tee "$OUT/devnet-call2.log"
     rc=${PIPESTATUS[0]}
     log "train exit $rc; packing"
     python3 -m placement_search.devnet pack --out "$RUN" --dest "$OUT" --call 2
@@ -123,6 +119,10 @@ case "$what" in
       --snapshots out/gpu/devnet --work out/gpu/dataset-b --final-limit "${SHARED:-320}" --shared "${SHARED:-320}" \
       --noise 0 --stages final,snapshots --budget "$budget" --batch-size "${BATCH:-128}" --quiet 2>&1 \
       | tee "$OUT/devnet-dataset-b.log"
+    if [ "${SHIPPED:-1}" = 0 ]; then  # run B's part only
+      pack_dataset out/gpu/dataset-b devnet-dataset-b
+      exit 0
+    fi
     budget=$(( $(left) - 75 )); tmo=$(( $(left) - 15 ))
     log "shipped final: noise set, then the rest: budget ${budget} s"
     timeout "$tmo" python3 -m placement_search.devnet dataset --supernet results/devnet/supernet --work out/dataset \

@@ -34,7 +34,8 @@ class GraphedPrefill:
     Prefix reuse: the hidden state entering every layer is kept per shape (``[N + 1, B, T, d]``), so a placement
     that shares its first ``k`` layers with the previous one run on the same input (same tensor, same shape) starts
     at layer ``k`` (the skipped layers would compute exactly the same values). Evaluating placements in code order
-    makes neighbours share prefixes.
+    makes neighbours share prefixes. A shape whose ``N + 1`` states would exceed ``max_state_bytes`` (a 15B model's
+    ``d = 5120`` at the dev plan's shapes: ~95 GB) gets two alternating buffers instead, and no reuse.
 
     Args:
         model: a :class:`Supernet` in eval mode (CUDA for graphs).
@@ -42,6 +43,8 @@ class GraphedPrefill:
         graphs: ``True`` (default on CUDA) captures CUDA graphs; ``False`` runs the same per-layer schedule eagerly
             (CPU: tests of the schedule and of prefix reuse).
         reuse_prefix: start at the first layer where the placement differs from the previous one on that input.
+        max_state_bytes: the most bytes the kept states of one shape may take (default: a quarter of the free
+            device memory when the shape is captured on CUDA; no limit on CPU).
     """
 
     def __init__(
@@ -51,15 +54,18 @@ class GraphedPrefill:
         *,
         graphs: bool | None = None,
         reuse_prefix: bool = True,
+        max_state_bytes: int | None = None,
     ) -> None:
         self.graphs = model.device.type == "cuda" if graphs is None else graphs
         if self.graphs and model.device.type != "cuda":
             raise PlacementSearchError(f"CUDA graphs need a CUDA model; this one is on {model.device}")
         self.model = model
         self.reuse_prefix = reuse_prefix
+        self.max_state_bytes = max_state_bytes
         self.pool = torch.cuda.graph_pool_handle() if self.graphs else None
         self.stream = torch.cuda.Stream(device=model.device) if self.graphs else None
-        # shape -> (hidden states entering each layer [N + 1, B, T, d], positions [T], per layer {mixer: runner})
+        # shape -> (hidden states entering each layer [N + 1, B, T, d] (or 2 alternating), positions [T],
+        # per layer {mixer: runner})
         self._runs: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, list[dict[str, Callable[[], Any]]]]] = {}
         # shape -> (input identity, placement whose states the buffer holds)
         self._last: dict[tuple[int, int], tuple[tuple[int, int], tuple[str, ...]]] = {}
@@ -87,14 +93,21 @@ class GraphedPrefill:
         t0 = time.perf_counter()
         model = self.model
         n, d = len(model.blocks), model.spec.hidden_size
-        hs = torch.zeros(n + 1, b, t, d, device=model.device, dtype=model.dtype)
+        state_bytes = (n + 1) * b * t * d * model.dtype.itemsize
+        budget = self.max_state_bytes
+        if budget is None and model.device.type == "cuda":
+            budget = torch.cuda.mem_get_info(model.device)[0] // 4
+        keep = self.reuse_prefix and (budget is None or state_bytes <= budget)
+        hs = torch.zeros(n + 1 if keep else 2, b, t, d, device=model.device, dtype=model.dtype)
+        slot = (lambda i: i) if keep else (lambda i: i % 2)
         positions = torch.arange(t, device=model.device)
         active = model.placement
         layers: list[dict[str, Callable[[], Any]]] = []
         try:
             if not self.graphs:
                 for i, block in enumerate(model.blocks):
-                    layers.append({name: self._eager_step(block, name, hs, i, positions) for name in block.mixer.mixers})
+                    layers.append({name: self._eager_step(block, name, hs[slot(i)], hs[slot(i + 1)], positions)
+                                   for name in block.mixer.mixers})  # fmt: skip
             else:
                 assert self.stream is not None
                 self.stream.wait_stream(torch.cuda.current_stream(model.device))
@@ -113,7 +126,7 @@ class GraphedPrefill:
                         block.mixer.active = name
                         g = torch.cuda.CUDAGraph()
                         with torch.cuda.graph(g, pool=self.pool, stream=self.stream):
-                            hs[i + 1].copy_(block(hs[i], positions))
+                            hs[slot(i + 1)].copy_(block(hs[slot(i)], positions))
                         graphs[name] = g.replay  # the bound method keeps the graph alive
                     layers.append(graphs)
         finally:
@@ -122,12 +135,14 @@ class GraphedPrefill:
         self.capture_seconds += time.perf_counter() - t0
 
     @staticmethod
-    def _eager_step(block: Any, name: str, hs: torch.Tensor, i: int, positions: torch.Tensor) -> Callable[[], Any]:
+    def _eager_step(
+        block: Any, name: str, src: torch.Tensor, dst: torch.Tensor, positions: torch.Tensor
+    ) -> Callable[[], Any]:
         def step() -> None:
             active = block.mixer.active
             block.mixer.active = name
             try:
-                hs[i + 1].copy_(block(hs[i], positions))
+                dst.copy_(block(src, positions))
             finally:
                 block.mixer.active = active
 
@@ -145,7 +160,7 @@ class GraphedPrefill:
         ident = (input_ids.data_ptr(), input_ids._version)
         start = 0
         last = self._last.get(shape)
-        if self.reuse_prefix and last is not None and last[0] == ident:
+        if hs.shape[0] == len(layers) + 1 and last is not None and last[0] == ident:
             while start < len(layers) and last[1][start] == placement[start]:
                 start += 1
         if start == 0:
@@ -155,7 +170,7 @@ class GraphedPrefill:
         self._last[shape] = (ident, placement)
         self.layers_run += len(layers) - start
         self.layers_skipped += start
-        return model.lm_head(model.model.norm(hs[len(layers)]))
+        return model.lm_head(model.model.norm(hs[len(layers) % hs.shape[0]]))
 
     @torch.no_grad()
     def load_weights(self, other: Supernet) -> None:

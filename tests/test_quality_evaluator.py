@@ -517,6 +517,13 @@ def test_layer_schedule_reuses_prefixes_and_matches_the_model(pack: dict, tmp_pa
     assert (runner.layers_skipped, runner.layers_run) == (1 + 2, 2 + 1 + 2 + 0 + 2)
     runner(x.clone())  # another input of the same shape: no reuse
     assert runner.layers_skipped == 3
+    # states over the memory budget: two alternating buffers, the same logits, nothing skipped
+    small = GraphedPrefill(model, [(3, 17)], max_state_bytes=1)
+    with torch.no_grad():
+        for placement in ("gdn,kda", "gdn,attention", "attention,attention"):
+            model.set_placement(placement)
+            assert torch.equal(small(x), model(x)), placement
+    assert small.layers_skipped == 0 and small._runs[(3, 17)][0].shape[0] == 2
     # a campaign through the per-layer schedule (CPU: eager steps), pipelined and in code order, stores the same scores
     placements = ["kda,gdn", "attention,gdn", "attention,kda", "gdn,gdn", "attention,attention"]
     plain = Campaign(pack["ckpt"], pack["tasks"], tmp_path / "plain.sqlite", batch_size=4, share_contexts=False)
