@@ -8,8 +8,8 @@ mixer its layer holds is captured once per shape; a placement's forward is then 
 layer (the placement's mixer there) and the head, with no per-op launch overhead.
 
 Safety of the shared memory pool: every graph reads a static input buffer and writes a static output buffer, both
-allocated outside the pool (the two buffers of a shape alternate between layers), and keeps nothing else alive, so the
-graphs can be replayed in any order (one at a time, on the capturing stream).
+allocated outside the pool (a shape's hidden states: one per layer boundary, or two alternating), and keeps nothing
+else alive, so the graphs can be replayed in any order (one at a time, on the capturing stream).
 
 The graphs read the parameters where they live: :meth:`GraphedPrefill.load_weights` copies another checkpoint of the
 same architecture into them in place, so switching checkpoints needs no new capture.
@@ -32,7 +32,8 @@ class GraphedPrefill:
     replay per layer; shapes not captured yet are captured on first use.
 
     Prefix reuse: the hidden state entering every layer is kept per shape (``[N + 1, B, T, d]``), so a placement
-    that shares its first ``k`` layers with the previous one run on the same input (same tensor, same shape) starts
+    that shares its first ``k`` layers with the previous one run on the same input (the same tensor: storage address
+    and version, as the scoring plan keeps its batches on the device for its lifetime) starts
     at layer ``k`` (the skipped layers would compute exactly the same values). Evaluating placements in code order
     makes neighbours share prefixes. A shape whose ``N + 1`` states would exceed ``max_state_bytes`` (a 15B model's
     ``d = 5120`` at the dev plan's shapes: ~95 GB) gets two alternating buffers instead, and no reuse.
