@@ -67,7 +67,7 @@ def main() -> int:
     args = ap.parse_args()
 
     from placement_search.devnet.preflight import apply_backends
-    from placement_search.evaluators.campaign import CampaignTasks, load_lm_eval_tasks
+    from placement_search.evaluators.campaign import CampaignTasks, load_lm_eval_tasks, score_agreement
     from placement_search.evaluators.checkpoint import load_supernet
     from placement_search.evaluators.lm_eval_model import RequestEncoder
     from placement_search.evaluators.tokenizer import load_tokenizer
@@ -131,8 +131,7 @@ def main() -> int:
             graphs = GraphedPrefill(model, b.plan.batch_shapes)
             capture_s = time.perf_counter() - t0
             graphed = b.plan.run(model, graphs)
-            rel = max(abs(x - y) / max(1.0, abs(x)) for (x, _), (y, _) in zip(eager, graphed, strict=True))
-            flips = sum(x != y for (_, x), (_, y) in zip(eager, graphed, strict=True))
+            rel, flips = score_agreement(eager, graphed)
             for case, placement in cases.items():
                 model.set_placement(placement)
                 ts = _sync_time(lambda b=b, g=graphs: b.score(model, g), args.repeats + 1)[1:]

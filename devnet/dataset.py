@@ -295,8 +295,9 @@ def stability_report(run: str | Path, shipped: str | Path, out: str | Path, *, f
     if final not in tables:
         raise PlacementSearchError(f"{run}: no final checkpoint ({final!r}) in this table")
     shipped_table = pd.read_csv(shipped, dtype={"placement": str})
-    vs_run = ranking_stability({**tables, "shipped final": shipped_table}, final)
-    vs_shipped = ranking_stability({**tables, "shipped final": shipped_table}, "shipped final")
+    tables["shipped final"] = shipped_table
+    vs_run = ranking_stability(tables, final)
+    vs_shipped = ranking_stability(tables, "shipped final")
     command = f"python -m placement_search.devnet stability --run {run} --shipped {shipped} --out {out}"
     record = {
         "what": "ranking stability of the placements' aggregate scores (retention against all-attention)",
@@ -310,7 +311,7 @@ def stability_report(run: str | Path, shipped: str | Path, out: str | Path, *, f
     write_json_atomic(f"{out}.json", record)
     lines = ["# Ranking stability across checkpoints", "",
              f"From `{run}` (a run's final and intermediate checkpoints on shared placements) and `{shipped}`.",
-             f"Made by `{record['command']}`.", ""]  # fmt: skip
+             f"Made by `{command}`.", ""]  # fmt: skip
     for title, frame in (("Against the run's final checkpoint", vs_run), ("Against the shipped final", vs_shipped)):
         lines += [f"## {title}", "", "| checkpoint | placements | Spearman | Kendall | top-10% overlap | mean abs diff |",
                   "|---|---|---|---|---|---|"]  # fmt: skip

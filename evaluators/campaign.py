@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -96,11 +97,13 @@ def checkpoint_hash(path: str | os.PathLike[str]) -> str:
                     raise PlacementSearchError(f"{f}: tensor {name!r} is also in {tensors[name][0].name}")
                 tensors[name] = (f, 8 + size, info)
     h = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode() + b"\0")
-    for name in sorted(tensors):
-        f, base, info = tensors[name]
-        start, end = info["data_offsets"]
-        h.update(json.dumps([name, info["dtype"], info["shape"]]).encode() + b"\0")
-        with open(f, "rb") as fh:
+    with contextlib.ExitStack() as stack:
+        handles = {f: stack.enter_context(open(f, "rb")) for f in {f for f, _, _ in tensors.values()}}
+        for name in sorted(tensors):
+            f, base, info = tensors[name]
+            start, end = info["data_offsets"]
+            h.update(json.dumps([name, info["dtype"], info["shape"]]).encode() + b"\0")
+            fh = handles[f]
             fh.seek(base + start)
             left = end - start
             while left > 0:
@@ -494,7 +497,6 @@ class Campaign:
         return CampaignSummary(evaluated, len(chosen) - len(todo), elapsed, built.plan.num_tokens,
                                built.plan.scored_tokens, ckpt, len(todo) - evaluated)  # fmt: skip
 
-
     def _graphed(self, placement: Placement) -> Any:
         """The CUDA-graphed forward (None when off or unusable here), captured and checked on first use: the first
         placement and one sharing its first half (prefix reuse) are scored eagerly and through the graphs, and the
@@ -528,8 +530,7 @@ class Campaign:
             return None
         finally:
             model.set_placement(placement)
-        rel = max((abs(a - b) / max(1.0, abs(a)) for (a, _), (b, _) in zip(eager, graphed, strict=True)), default=0.0)
-        flips = sum(x != y for (_, x), (_, y) in zip(eager, graphed, strict=True))
+        rel, flips = score_agreement(eager, graphed)
         ok = rel <= GRAPH_RTOL and flips == 0
         self.graph_check = {"ok": ok, "placements": [placement.code(), second.code()], "requests": len(eager),
                             "layers_skipped": graphs.layers_skipped, "max_rel_diff": rel,
@@ -542,6 +543,13 @@ class Campaign:
             return None
         self.graphs = graphs
         return graphs
+
+
+def score_agreement(a: Sequence[tuple[float, bool]], b: Sequence[tuple[float, bool]]) -> tuple[float, int]:
+    """Two scorings of the same requests (``ScoringPlan.run``'s lists): the largest relative difference of a
+    log-likelihood (relative to ``max(1, |a|)``) and the number of greedy matches that differ."""
+    rel = max((abs(x - y) / max(1.0, abs(x)) for (x, _), (y, _) in zip(a, b, strict=True)), default=0.0)
+    return rel, sum(x != y for (_, x), (_, y) in zip(a, b, strict=True))
 
 
 #: Largest relative difference between a request's graphed and eager log-likelihood for the graphs to be used: the

@@ -138,8 +138,7 @@ def export_dataset(
         final.to_csv(f, index=False, float_format="%.8g")
     noise = _noise_table(long, final_checkpoint)
     if noise.empty:  # no placement scored on a second sample set: no noise table
-        paths.pop("noise")
-        Path(out / f"{name}-noise.csv").unlink(missing_ok=True)
+        paths.pop("noise").unlink(missing_ok=True)  # a stale one from an earlier export
     else:
         with atomic_open(paths["noise"], "w") as f:
             noise.to_csv(f, index=False, float_format="%.8g")
