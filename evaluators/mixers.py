@@ -190,7 +190,9 @@ class GDN(nn.Module):
         self, x: torch.Tensor, positions: torch.Tensor, cache: GDNCache | None = None
     ) -> torch.Tensor:
         qkv, z, g, beta = self._project(x)
-        qkv, conv_state = K.causal_conv1d(qkv, self.convolution.weight[:, 0], activation="silu")
+        qkv, conv_state = K.causal_conv1d(
+            qkv, self.convolution.weight[:, 0], activation="silu", output_final_state=cache is not None
+        )
         q, k, v = self._heads(qkv)
         o, state = K.gated_delta_rule(
             q, k, v, g, beta, output_final_state=cache is not None, use_qk_l2norm=True
@@ -266,9 +268,10 @@ class KDA(nn.Module):
     ) -> torch.Tensor:
         s = self.spec
         b, t, _ = x.shape
-        q, q_state = K.causal_conv1d(self.q_proj(x), self.q_conv.weight[:, 0], activation="silu")
-        k, k_state = K.causal_conv1d(self.k_proj(x), self.k_conv.weight[:, 0], activation="silu")
-        v, v_state = K.causal_conv1d(self.v_proj(x), self.v_conv.weight[:, 0], activation="silu")
+        keep = cache is not None
+        q, q_state = K.causal_conv1d(self.q_proj(x), self.q_conv.weight[:, 0], output_final_state=keep)
+        k, k_state = K.causal_conv1d(self.k_proj(x), self.k_conv.weight[:, 0], output_final_state=keep)
+        v, v_state = K.causal_conv1d(self.v_proj(x), self.v_conv.weight[:, 0], output_final_state=keep)
         g, beta, gate = self._gates(x)
         heads = (b, t, s.heads, s.head_dim)
         o, state = K.kda(
