@@ -92,11 +92,16 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("--out", default="results/evaluations", help="where the tables go (default results/evaluations)")
     ex.add_argument("--name", default="devnet", help="file name prefix (default devnet: devnet-final.csv, ...)")
     st = sub.add_parser("stability", help="ranking stability across checkpoints from the exported tables (CPU)")
-    st.add_argument("--run", default="results/evaluations/devnet-run-b-evaluations.csv.gz",
+    st.add_argument("--run", default="results/evaluations/devnet-run-c-evaluations.csv.gz",
                     help="tidy table of a run's final and intermediate checkpoints")
     st.add_argument("--shipped", default="results/evaluations/devnet-final.csv",
                     help="wide table of the shipped final checkpoint (compared too)")
     st.add_argument("--out", default="results/devnet/stability", help="writes OUT.json and OUT.md")
+    rc = sub.add_parser("recheck", help="a re-scored run (gpu.sh recheck) vs the shipped table, value by value (CPU)")
+    rc.add_argument("--work", required=True, help="the run's folder (devnet.sqlite, speed.json, tasks-a/)")
+    rc.add_argument("--reference", default="results/evaluations/devnet-evaluations.csv.gz",
+                    help="the shipped tidy table (default results/evaluations/devnet-evaluations.csv.gz)")
+    rc.add_argument("--out", default="results/evaluations/devnet-recheck.json", help="JSON report")
     estimate.add_argument("--batch", type=int, default=1, help="rows per measured CPU step")
     estimate.add_argument("--out", help="write the estimate as JSON here")
     args = parser.parse_args(argv)
@@ -128,6 +133,15 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             return stability_report(args.run, args.shipped, args.out)
+        except PlacementSearchError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    if args.command == "recheck":
+        from placement_search.devnet.dataset import recheck_report
+        from placement_search.errors import PlacementSearchError
+
+        try:
+            return recheck_report(args.work, args.reference, args.out)
         except PlacementSearchError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

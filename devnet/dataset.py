@@ -321,3 +321,33 @@ def stability_report(run: str | Path, shipped: str | Path, out: str | Path, *, f
     write_text_atomic(f"{out}.md", "\n".join(lines))
     print("\n".join(lines))
     return 0
+
+
+def recheck_report(work: str | Path, reference: str | Path, out: str | Path) -> int:
+    """``python -m placement_search.devnet recheck``: a dataset run into an empty database (``gpu.sh recheck``)
+    against the shipped table: every metric value compared (:func:`~placement_search.evaluators.reproduction.
+    score_reproduction`) beside the run's speed record; writes ``out`` (JSON). Exit status 1 unless every value
+    is bitwise equal."""
+    from placement_search.evaluators.dataset import load_dataset, tidy_results
+    from placement_search.evaluators.reproduction import score_reproduction
+
+    work = Path(work)
+    if not (work / "tasks-a" / "pack.json").is_file():
+        raise PlacementSearchError(f"{work}: no tasks-a/pack.json (copy the run's packs beside its database)")
+    new = tidy_results(work / "devnet.sqlite", load_json(work / "tasks-a" / "pack.json"))
+    result = score_reproduction(new, load_dataset(reference))
+    speed = load_json(work / "speed.json") if (work / "speed.json").is_file() else None
+    record = {
+        "what": "placements scored again into an empty database, compared with the shipped table",
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": f"python -m placement_search.devnet recheck --work {work} --reference {reference} --out {out}",
+        "reference": str(reference),
+        "comparison": result,
+        "run": speed,
+    }
+    write_json_atomic(out, record)
+    rate = (speed or {}).get("placements_per_second")
+    print(f"{result['bitwise_equal']} of {result['values']} values ({result['placements']} placements) bitwise "
+          f"equal, max rel diff {result['max_rel_diff']:.3g}, {result['unmatched']} without a reference row; "
+          f"{rate} placements/s -> {out}")  # fmt: skip
+    return 0 if result["bitwise_equal"] == result["values"] else 1

@@ -7,13 +7,14 @@
 #   DEVNET_RUN=out/gpu/run-b bash devnet/gpu.sh call2   # a second distillation run beside the shipped one
 #   bash devnet/gpu.sh finish-b  # run B's final + snapshots on the shared prefix, then the shipped final continued
 #   bash devnet/gpu.sh final     # the shipped final's campaign continued (fresh machine; carry .whl and out/carry)
+#   bash devnet/gpu.sh recheck   # the first RECHECK_N shipped-final placements scored again from scratch (speed, equality)
 #   bash devnet/gpu.sh throughput  # `placement-search throughput --measure` vs the table's prediction (TP_CASES)
 #   bash devnet/gpu.sh dry-run   # the dry run on the GPU (real kernels, tiny batches), ~2-3 min
 #   bash devnet/gpu.sh py SCRIPT [ARGS]  # a script with this set-up (the calls share T0: chain with ';' in one command)
 # Needs `.whl` carried (fla_core-0.6.0 wheel; `finish` also needs lm-eval's wheels). Each command is wrapped in
 # `timeout` so the call ends (and packs what exists) before the device's 10-minute limit even if a stage overran.
 set -uo pipefail
-what=${1:?preflight, call1, call2, finish, finish-b, final, throughput, dry-run or py}
+what=${1:?preflight, call1, call2, finish, finish-b, final, recheck, throughput, dry-run or py}
 T0=${GPU_CALL_T0:-$(date +%s)}  # chained invocations in one call: export GPU_CALL_T0=$(date +%s) first
 CALL_S=${CALL_S:-570}  # the whole call's budget (the device stops a command at 600 s)
 left() { echo $(( CALL_S - ($(date +%s) - T0) )); }
@@ -150,6 +151,24 @@ case "$what" in
       done
     done
     exit 0 ;;
+  recheck)
+    # the shipped final's first RECHECK_N (default 400) placements scored again into an empty database with the
+    # shipped packs (carried in out/carry/devnet-dataset.tgz), in code order over ORDER_WINDOW (default: all of them):
+    # the campaign speed with the shipped settings, and the scores to compare with the shipped table
+    # (`python -m placement_search.devnet recheck`) -> $OUT/devnet-recheck.tgz
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 3
+    export HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1
+    [ -f out/carry/devnet-dataset.tgz ] || { echo "carry out/carry"; exit 9; }
+    rm -rf out/gpu/recheck && mkdir -p out/gpu/recheck && tar -xzf out/carry/devnet-dataset.tgz -C out/gpu/recheck tasks-a tasks-b || exit 3
+    n=${RECHECK_N:-400}
+    budget=$(( $(left) - 40 )); tmo=$(( $(left) - 10 ))
+    log "recheck: ${n} placements, budget ${budget} s"
+    timeout "$tmo" python3 -m placement_search.devnet dataset --supernet results/devnet/supernet --work out/gpu/recheck \
+      --stages final --noise 0 --final-limit "$n" --order-window "${ORDER_WINDOW:-$n}" --budget "$budget" \
+      --batch-size "${BATCH:-128}" --quiet 2>&1 | tee "$OUT/devnet-recheck.log"
+    rc=${PIPESTATUS[0]}
+    pack_dataset out/gpu/recheck devnet-recheck
+    exit "$rc" ;;
   final)
     # the shipped final's campaign continued on a fresh machine (no run B needed): STAGES (default noise,final)
     # with the packs and database carried in out/carry/devnet-dataset.tgz -> $OUT/devnet-dataset.tgz

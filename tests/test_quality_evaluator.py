@@ -439,7 +439,37 @@ def test_dataset_commands(pack: dict, tmp_path: Path, capsys: pytest.CaptureFixt
     # another run's tables beside the shipped ones (--name), and a bad stage list: one line, exit 2
     assert devnet_main(["dataset-export", "--work", str(work), "--out", str(tables), "--name", "run-b"]) == 0
     assert (tables / "run-b-final.csv").read_text() == (tables / "devnet-final.csv").read_text()
+    # a recheck: the first 3 placements scored again into an empty database (the same packs), value by value
+    import shutil
+
+    again = tmp_path / "again"
+    for name in ("tasks-a", "tasks-b"):
+        shutil.copytree(work / name, again / name)
+    assert devnet_main(["dataset", "--supernet", str(pack["ckpt"]), "--devnet", str(pack["root"] / "corpus"),
+                        "--work", str(again), "--device", "cpu", "--batch-size", "8", "--noise", "0",
+                        "--stages", "final", "--final-limit", "3", "--order-window", "3",
+                        "--placements", "structured:40,uniform:2", "--quiet"]) == 0  # fmt: skip
+    ref = tables / "devnet-evaluations.csv.gz"
+    assert devnet_main(["recheck", "--work", str(again), "--reference", str(ref), "--out", str(tmp_path / "r.json")]) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    cmp = report["comparison"]
+    assert cmp["placements"] == 3 and cmp["values"] == cmp["bitwise_equal"] > 0 and cmp["unmatched"] == 0
+    assert report["run"]["placements_planned"] == 3 and report["run"]["order_window"] == 3
+    changed = load_dataset(ref)
+    code = pd.read_csv(again / "placements.csv", dtype=str).placement.iloc[0]
+    first = changed.index[(changed.placement == code) & (changed.checkpoint == "ckpt") & (changed.sample_set == "a")][0]
+    changed.loc[first, "value"] = changed.loc[first, "value"] * (1 + 1e-9)
+    changed.to_csv(tmp_path / "changed.csv.gz", index=False)
+    assert devnet_main(["recheck", "--work", str(again), "--reference", str(tmp_path / "changed.csv.gz"),
+                        "--out", str(tmp_path / "r2.json")]) == 1  # fmt: skip
+    cmp2 = json.loads((tmp_path / "r2.json").read_text())["comparison"]
+    assert cmp2["bitwise_equal"] == cmp["values"] - 1 and 0 < cmp2["max_rel_diff"] < 1e-8
     capsys.readouterr()
+    changed.assign(checkpoint_hash="other").to_csv(tmp_path / "other.csv.gz", index=False)
+    assert devnet_main(["recheck", "--work", str(again), "--reference", str(tmp_path / "other.csv.gz"),
+                        "--out", str(tmp_path / "r3.json")]) == 2  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no row of the new scores" in err[0] and not (tmp_path / "r3.json").exists()
     assert devnet_main(["dataset", "--supernet", str(pack["ckpt"]), "--devnet", str(pack["root"] / "corpus"),
                         "--work", str(work), "--device", "cpu", "--stages", "final,everything", "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
