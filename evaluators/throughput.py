@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from placement_search.evaluators.cache import Cache, layer_cache
+from placement_search.evaluators.cache import Cache, StepContext, layer_cache
 from placement_search.evaluators.memory import GiB, RuntimeOverheads, memory_breakdown
 from placement_search.evaluators.supernet import Supernet, mixers_for
 from placement_search.placement import Placement
@@ -542,7 +542,12 @@ class PieceBench:
         return big, pos
 
     def layer(self, mixer: str, big: Any, pos: torch.Tensor, batch: int, k: int) -> Timing:
-        """Full decoder blocks with ``mixer`` over ``k`` distinct blocks and cache row ranges; per block."""
+        """Full decoder blocks with ``mixer`` over ``k`` distinct blocks and cache row ranges; per block.
+
+        The ``k`` blocks share one :class:`StepContext` built inside the graph, as a decode step's layers do
+        (RoPE tables, ring slots and validity masks once per step, not once per layer): a block's time holds
+        ``1/k`` of that step-wide work, where a whole model spreads it over all its layers of the mixer.
+        """
         blocks = list(self.model.blocks)[:k]
         for blk in blocks:
             blk.mixer.active = mixer
@@ -551,9 +556,9 @@ class PieceBench:
         x0 = self._hidden(batch)
 
         def fn() -> torch.Tensor:
-            x = x0
+            x, ctx = x0, StepContext(p)
             for blk, c in zip(blocks, caches, strict=True):
-                x = blk(x, p, c, decode=True)
+                x = blk(x, p, c, decode=True, ctx=ctx)
             return x
 
         t = self._time(fn)
