@@ -127,35 +127,19 @@ def main(argv: list[str] | None = None) -> int:
         (out / "preflight.json").unlink(missing_ok=True)
         print(json.dumps(prepare_gpu(out, model_spec(settings.size), torch.device(args.device))))
         return 0
-    if args.command == "stability":
-        from placement_search.devnet.dataset import stability_report
+    if args.command in ("stability", "recheck", "dataset-export", "dataset"):
+        from placement_search.devnet import dataset as D
         from placement_search.errors import PlacementSearchError
 
+        verbs = {
+            "stability": lambda: D.stability_report(args.run, args.shipped, args.out),
+            "recheck": lambda: D.recheck_report(args.work, args.reference, args.out),
+            "dataset-export": lambda: D.export(args.work, args.out, name=args.name),
+            "dataset": lambda: D.main(args),
+        }
         try:
-            return stability_report(args.run, args.shipped, args.out)
-        except PlacementSearchError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-    if args.command == "recheck":
-        from placement_search.devnet.dataset import recheck_report
-        from placement_search.errors import PlacementSearchError
-
-        try:
-            return recheck_report(args.work, args.reference, args.out)
-        except PlacementSearchError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-    if args.command == "dataset-export":
-        from placement_search.devnet.dataset import export
-
-        return export(args.work, args.out, name=args.name)
-    if args.command == "dataset":
-        from placement_search.devnet.dataset import main as dataset_main
-        from placement_search.errors import PlacementSearchError
-
-        try:
-            return dataset_main(args)
-        except PlacementSearchError as e:
+            return verbs[args.command]()
+        except PlacementSearchError as e:  # bad input: one line, exit 2
             print(f"error: {e}", file=sys.stderr)
             return 2
     if args.command == "pack":

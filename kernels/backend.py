@@ -27,6 +27,16 @@ AUTO_CUDA_DECODE_BACKEND = "sdpa"
 
 
 @functools.cache
+def triton_available() -> bool:
+    """True when triton imports (it does on CPU machines too; its kernels then need the interpreter)."""
+    try:
+        importlib.import_module("triton")
+    except Exception:
+        return False
+    return True
+
+
+@functools.cache
 def fla_available() -> bool:
     """True when ``fla.ops`` imports (needs triton). Never call this for CPU-only work."""
     try:

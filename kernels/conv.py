@@ -13,7 +13,6 @@ Prefill backends (``causal_conv1d(..., backend=)``):
 
 from __future__ import annotations
 
-import functools
 import importlib
 import os
 
@@ -21,17 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .backend import triton_available
+
 CONV_BACKENDS = ("auto", "torch", "triton")
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-@functools.cache
-def _triton_importable() -> bool:
-    try:
-        importlib.import_module("triton")
-    except Exception:
-        return False
-    return True
 
 
 def resolve_conv_backend(backend: str, x: Tensor, weight: Tensor) -> str:
@@ -40,12 +32,12 @@ def resolve_conv_backend(backend: str, x: Tensor, weight: Tensor) -> str:
         raise ValueError(f"unknown conv backend {backend!r}; expected one of {CONV_BACKENDS}")
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     if backend == "auto":
-        ok = x.is_cuda and x.dtype in _TRITON_DTYPES and not needs_grad and _triton_importable()
+        ok = x.is_cuda and x.dtype in _TRITON_DTYPES and not needs_grad and triton_available()
         return "triton" if ok else "torch"
     if backend == "triton" and needs_grad:
         raise ValueError("conv backend 'triton' has no backward; use 'torch' where gradients are needed")
     if backend == "triton":
-        if not _triton_importable():
+        if not triton_available():
             raise ImportError("conv backend 'triton' needs triton (pip install 'placement-search[gpu]')")
         if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError("conv backend 'triton' on CPU tensors needs TRITON_INTERPRET=1 (Triton's interpreter)")

@@ -23,7 +23,6 @@ All paths are CUDA-graph capturable: static shapes, no host sync, states updated
 
 from __future__ import annotations
 
-import functools
 import importlib
 import os
 from types import ModuleType
@@ -32,22 +31,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .backend import triton_available
 from .conv import causal_conv1d_update
 from .delta_rule import L2NORM_EPS, delta_rule_step_torch, gated_delta_rule_step, gdn_gate
 from .kda import kda_gate, kda_step
 from .norm import rms_norm
 
 FUSED_BACKENDS = ("auto", "torch", "fla", "triton")
-
-
-@functools.cache
-def triton_available() -> bool:
-    """True when triton imports (it does on CPU machines too; the kernels then need the interpreter)."""
-    try:
-        importlib.import_module("triton")
-    except Exception:
-        return False
-    return True
 
 
 def _triton_module() -> ModuleType:
