@@ -534,10 +534,13 @@ def polish_front(
 
         if time_limit_s is not None and time.perf_counter() - start > time_limit_s:
             break
-        # kick: climb quality alone from perturbed copies of the best member (the slow, high-quality end
-        # of the front is where a Pareto local search most often stalls), then search from what it finds
-        best = x[np.argmax(q)]
-        starts = np.repeat(best[None, :], kicks, axis=0)
+        # kick: climb quality alone from perturbed copies of archive members, then search from what it finds.
+        # Half start from the best member (the slow, high-quality end of the front is where a Pareto local
+        # search most often stalls); half from members drawn along the front, whose climbs cross stretches
+        # that single moves cannot (under max_fit the batch jumps with the attention count, leaving gaps).
+        first = np.flatnonzero(pareto_mask(np.stack([q, s], axis=1)))
+        bases = np.concatenate([np.full(kicks - kicks // 2, np.argmax(q)), rng.choice(first, kicks // 2)])
+        starts = x[bases].copy()
         for row in starts:
             size = int(rng.integers(2, max(kick_layers, 2) + 1))
             layers = rng.choice(space.num_layers, size=min(size, space.num_layers), replace=False)
