@@ -17,11 +17,15 @@ interpreter, whose numpy math is close but not bitwise.
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
 from ._fused_decode_triton import _rnd
+
+#: The kernel's ``DTYPE`` for each input dtype it takes.
+TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 @triton.jit

@@ -46,12 +46,14 @@ def resolve_conv_backend(backend: str, x: Tensor, weight: Tensor) -> str:
     return backend
 
 
+def _check_activation(activation: str | None) -> None:
+    if activation not in (None, "silu", "swish"):
+        raise ValueError(f"unsupported activation {activation!r} (expected 'silu' or None)")
+
+
 def _activate(y: Tensor, activation: str | None) -> Tensor:
-    if activation is None:
-        return y
-    if activation in ("silu", "swish"):
-        return F.silu(y)
-    raise ValueError(f"unsupported activation {activation!r} (expected 'silu' or None)")
+    _check_activation(activation)
+    return y if activation is None else F.silu(y)
 
 
 def causal_conv1d(
@@ -88,7 +90,7 @@ def causal_conv1d(
         raise ValueError(f"weight has {Cw} channels, x has {C}")
     if initial_state is not None and initial_state.shape != (B, C, K - 1):
         raise ValueError(f"initial_state must be {(B, C, K - 1)}, got {tuple(initial_state.shape)}")
-    _activate(x[:0], activation)  # rejects an unknown activation before any work
+    _check_activation(activation)
     if resolve_conv_backend(backend, x, weight) == "triton":
         y = _causal_conv1d_triton(x, weight, initial_state, activation)
         if not output_final_state:
@@ -113,8 +115,6 @@ def causal_conv1d(
 def _causal_conv1d_triton(x: Tensor, weight: Tensor, initial_state: Tensor | None, activation: str | None) -> Tensor:
     """One Triton launch; ``x [B, T, C]`` may be row-strided (a slice of a wider projection)."""
     tk = importlib.import_module(f"{__package__}._conv_triton")
-    import triton.language as tl
-
     B, T, C = x.shape
     K = weight.shape[1]
     if x.stride(2) != 1:
@@ -122,7 +122,6 @@ def _causal_conv1d_triton(x: Tensor, weight: Tensor, initial_state: Tensor | Non
     y = torch.empty(B, T, C, dtype=x.dtype, device=x.device)
     st = initial_state if initial_state is not None else y  # never read without HAS_STATE
     BT, BC = 32, 64
-    dtype = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[x.dtype]
     grid = (-(-T // BT), -(-C // BC), B)
     tk.causal_conv1d_fwd_kernel[grid](
         x, x.stride(0), x.stride(1),
@@ -130,7 +129,7 @@ def _causal_conv1d_triton(x: Tensor, weight: Tensor, initial_state: Tensor | Non
         weight, weight.stride(0), weight.stride(1),
         y, y.stride(0), y.stride(1),
         T, C,
-        KW=K, BT=BT, BC=BC, HAS_STATE=initial_state is not None, SILU=activation is not None, DTYPE=dtype,
+        KW=K, BT=BT, BC=BC, HAS_STATE=initial_state is not None, SILU=activation is not None, DTYPE=tk.TL_DTYPES[x.dtype],
         LIBDEVICE=os.environ.get("TRITON_INTERPRET") != "1",
         num_warps=4,
     )  # fmt: skip
