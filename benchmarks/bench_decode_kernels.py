@@ -9,7 +9,8 @@ activations, fp32 states) and each batch B in {1, 16, 64, 256, 1024}, three impl
   (one launch);
 - ``fla_inplace``: the same functions with ``backend="fla"``: torch ops around fla's fused-recurrent kernel, which
   updates the state in place;
-- ``fused_w8``, ``fused_w16``: the fused kernel launched with 8 / 16 warps instead of the default 4 (tuning);
+- ``fused_bv16``, ``fused_bv64``, ``fused_bv128``: the fused kernels with 16 / 64 / 128 value columns per state
+  program instead of the default ``BLOCK_V`` (tuning; 128 is one program per head);
 - ``previous``: the runtime's path before this change: the same torch ops around the public
   ``fused_recurrent_gated_delta_rule`` (fresh fp32 final state, copied back) for GDN, and around
   ``fused_recurrent_kda_fwd(inplace_final_state=True)`` for KDA (unchanged, so KDA's two fla rows coincide).
@@ -43,7 +44,7 @@ from typing import Any
 BATCHES = (1, 16, 64, 256, 1024)
 L2_ROTATE_BYTES = 256 * 2**20  # the input sets of one graph together exceed the L2 cache (50 MB) ~5x
 MAX_SETS = 64
-FUSED_WARP_SWEEP = ("fused_w8", "fused_w16")  # next to the default (4 warps for a 128 x 128 tile)
+FUSED_SWEEP = ("fused_bv16", "fused_bv64", "fused_bv128")  # next to the default BLOCK_V (32)
 
 
 def _sizes(tiny: bool) -> dict[str, dict[str, int]]:
@@ -134,9 +135,9 @@ def run_variant(kind: str, variant: str, x: dict[str, Any]) -> Any:
     if kind == "gdn" and variant == "previous":
         return previous_gdn(x)
     fn = K.gdn_decode_step if kind == "gdn" else K.kda_decode_step
-    if variant.startswith("fused"):  # "fused" (default width) or "fused_w<N>" (N warps)
-        warps = int(variant.removeprefix("fused_w")) if variant.startswith("fused_w") else None
-        return fn(**x, norm_eps=1e-5, backend="triton", num_warps=warps)
+    if variant.startswith("fused"):  # "fused" (default) or "fused_bv<N>" (N value columns per state program)
+        bv = int(variant.removeprefix("fused_bv")) if variant.startswith("fused_bv") else None
+        return fn(**x, norm_eps=1e-5, backend="triton", block_v=bv)
     backend = {"fla_inplace": "fla", "previous": "fla", "torch": "torch"}[variant]
     return fn(**x, norm_eps=1e-5, backend=backend)
 
@@ -231,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     default_batches = [1, 3] if cpu else list(BATCHES)
     batches = [int(b) for b in args.batches.split(",")] if args.batches else default_batches
-    variants = ["fused", "torch"] if cpu else ["fused", "fla_inplace", "previous", *FUSED_WARP_SWEEP]
+    variants = ["fused", "torch"] if cpu else ["fused", "fla_inplace", "previous", *FUSED_SWEEP]
     gen = torch.Generator(device=device).manual_seed(0)
     t0 = time.time()
     copy_gbps = None if cpu else copy_bandwidth(device)

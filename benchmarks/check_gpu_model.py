@@ -176,7 +176,16 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument(
+        "--skinny-min-weight", type=int, default=0,
+        help="decode projections from this many weight elements go through the Triton kernel (the runtime's "
+        "default leaves small weights to cuBLAS; 0 makes this small model run the 15B decode path)",
+    )  # fmt: skip
     args = ap.parse_args()
+    from placement_search import kernels as K
+    from placement_search.kernels import projection as KL
+
+    K.SKINNY_MIN_WEIGHT = KL.SKINNY_MIN_WEIGHT = args.skinny_min_weight
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     if not torch.cuda.is_available():
@@ -236,6 +245,7 @@ def main() -> int:
             "batch": args.batch,
         },
         "tolerance": {"model_rel": TOL_MODEL, "graph_rel": TOL_GRAPH},
+        "skinny_min_weight": args.skinny_min_weight,
         "all_pass": ok,
         "rows": rows,
     }

@@ -41,10 +41,11 @@ def tiny_spec() -> ModelSpec:
 def measure_kernels(
     spec: ModelSpec, device: Any, batches: tuple[int, ...] = (16, 256, 1024), log: Callable[[str], None] = print
 ) -> list[dict[str, Any]]:
-    """Decode kernels alone in CUDA graphs: GDN step (runtime path: fresh state + copy back; and an in-place
-    call of the same fla Triton kernel, checked against it), KDA step (fla, in place), attention decode at
-    32K (runtime path: SDPA with a validity mask; and SDPA without a mask). Essential bytes: states read and
-    written once (attention: the cache read once), inputs and outputs.
+    """fla's delta-rule decode kernels alone in CUDA graphs, the baseline of the runtime's fused decode kernels
+    (``benchmarks/bench_decode_kernels.py`` times those): the GDN step through fla's public fused-recurrent call
+    (fresh state + copy back; and an in-place call of the same Triton kernel, checked against it), the KDA step
+    (fla, in place); and attention decode at 32K (the runtime's SDPA with a validity mask, and SDPA without a
+    mask). Essential bytes: states read and written once (attention: the cache read once), inputs and outputs.
     """
     import importlib
 
@@ -68,7 +69,7 @@ def measure_kernels(
         cap.close()
         rows.append({"kernel": name, "batch": batch, "us": t.ms * 1e3, "bytes": nbytes,
                      "gbps": nbytes / (t.ms / 1e3) / 1e9, **extra})
-        log(f"kernel {name:>34} B={batch:>5}: {t.ms * 1e3:9.1f} us, {rows[-1]['gbps']:7.0f} GB/s")
+        log(f"kernel {name:>52} B={batch:>5}: {t.ms * 1e3:9.1f} us, {rows[-1]['gbps']:7.0f} GB/s")
 
     def gdn_inplace(q, k, v, gg, beta, state, scale):  # type: ignore[no-untyped-def]
         b, t, h, dk = k.shape
@@ -100,10 +101,10 @@ def measure_kernels(
         o_new = gdn_inplace(q[:, None], k[:, None], v[:, None], gg[:, None], beta[:, None], s_new, dk**-0.5)[:, 0]
         err_o = float((o_new.float() - o_ref.float()).norm() / o_ref.float().norm())
         err_s = float((s_new - s_ref).norm() / s_ref.norm())
-        timed("gdn step (runtime: new state + copy)",
+        timed("gdn delta rule (fla fused_recurrent: new state + copy)",
               lambda q=q, k=k, v=v, gg=gg, beta=beta, state=state: K.gated_delta_rule_step(
                   q, k, v, gg, beta, state, use_qk_l2norm=True), essential, b)
-        timed("gdn step (same kernel, in place)",
+        timed("gdn delta rule (fla kernel, state in place)",
               lambda q=q, k=k, v=v, gg=gg, beta=beta, state=state: gdn_inplace(
                   q[:, None], k[:, None], v[:, None], gg[:, None], beta[:, None], state, dk**-0.5),
               essential, b, rel_err_o=err_o, rel_err_state=err_s)
@@ -116,7 +117,7 @@ def measure_kernels(
         beta = torch.rand(b, h, device=device, dtype=bf, generator=g)
         state = torch.randn(b, h, d, d, device=device, generator=g) * 0.02
         essential = 2 * state.nbytes + q.nbytes * 4 + gk.nbytes + beta.nbytes
-        timed("kda step (fla, in place)",
+        timed("kda delta rule (fla kernel, state in place)",
               lambda q=q, k=k, v=v, gk=gk, beta=beta, state=state: K.kda_step(
                   q, k, v, gk, beta, state, use_qk_l2norm=True), essential, b)
         del q, k, v, gk, beta, state
@@ -128,7 +129,7 @@ def measure_kernels(
         vc = torch.randn(b, ctx, hkv, dh, device=device, dtype=bf, generator=g)
         valid = torch.ones(b, ctx, dtype=torch.bool, device=device)
         essential = kc.nbytes + vc.nbytes + 2 * q.nbytes
-        timed("attention decode 32K (runtime: mask)",
+        timed("attention decode 32K (SDPA, validity mask)",
               lambda q=q, kc=kc, vc=vc, valid=valid: K.attention_decode(q, kc, vc, valid, scale=dh**-0.5),
               essential, b)
         from torch.nn.attention import SDPBackend, sdpa_kernel

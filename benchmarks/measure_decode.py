@@ -22,6 +22,9 @@ redo those from the raw JSON on any machine).
 Usage (GPU): python benchmarks/measure_decode.py --out results [--deadline-s 480]
 Smoke test (CPU, tiny model, no CUDA graphs): python benchmarks/measure_decode.py --device cpu --tiny --out /tmp/x
 Rebuild the table from raw data (CPU): python benchmarks/measure_decode.py --build-from results/decode_measurements_h200.json
+Several runs: ``--build-from RUN,RUN:KEY+KEY,...`` (the pieces of the last run that has them; a ``:KEY+KEY`` suffix
+keeps only those rows of a run: ``prefill``, ``memory_check``, ``kernels``, ``whole@engine``, ``whole@validation``,
+optionally ``/LABEL/LABEL``); the shipped table's command is in README.md ("Decode speed on the H200").
 """
 
 from __future__ import annotations
@@ -348,9 +351,24 @@ class Campaign:
                 for b in sorted({1, 16, actual} if actual >= 16 else {1, actual}):
                     if b < 1 or not self.guard(f"engine {label} B={b}", 20):
                         continue
-                    mm = T.measure_decode(model, mixers, c, self.cap(b), replays=self.args.replays)
+                    # The largest batch that allocates leaves no room for the step's workspace and CUDA graph
+                    # pool when the caches fill the GPU to the byte: step down 2% at a time (at most 3 times)
+                    # and record the batch that ran.
+                    tried, largest = [], b == actual
+                    for attempt in range(4):
+                        try:
+                            mm = T.measure_decode(model, mixers, c, self.cap(b), replays=self.args.replays)
+                            break
+                        except torch.cuda.OutOfMemoryError:
+                            if not largest or attempt == 3:
+                                raise
+                        # out of the except block: the traceback (and the failed attempt's cache) is released
+                        tried.append(b)
+                        T.free_memory(self.device)
+                        b = max(1, int(b * 0.98))
                     mem = memory_breakdown(spec, mixers, c, mm.batch, overheads=OVERHEADS)
                     self.raw["whole"].append({**mm.to_dict(), "tag": "engine", "label": label, "policy": None,
+                                              "out_of_memory_at": tried,
                                               "memory_budget_gib": None, "resident": "placement",
                                               "copy_gbps": self.raw["ceilings"].get("copy_gbps"),
                                               "predicted_cache_bytes": mem.cache,
@@ -459,6 +477,21 @@ class Campaign:
 # --------------------------------------------------------------------------------------------
 
 
+def select_sections(raw: dict[str, Any], keys: str | None) -> dict[str, Any]:
+    """``raw`` with only the rows ``keys`` names (``+``-separated ``SECTION``, ``whole@TAG`` or either followed by
+    ``/LABEL/LABEL``); meta and ceilings always kept; None keeps everything."""
+    if keys is None:
+        return raw
+    out = {k: (v if k in ("meta", "ceilings") else [] if isinstance(v, list) else v) for k, v in raw.items()}
+    for key in keys.split("+"):
+        name, *labels = key.split("/")
+        section, _, tag = name.partition("@")
+        for row in raw.get(section) or []:
+            if (not tag or row.get("tag") == tag) and (not labels or row.get("label") in labels):
+                out[section].append(row)
+    return out
+
+
 def merge_raw(raws: list[dict[str, Any]], sources: list[str]) -> dict[str, Any]:
     """Several campaign runs as one: the pieces of the LAST run that has pieces (a table never mixes runs);
     whole-model rows, memory checks, prefill and kernel rows of every run (each keeps its run's copy
@@ -539,10 +572,17 @@ def main(argv: list[str] | None = None) -> int:
     args.prefill_labels = set(filter(None, args.prefill_labels.split(",")))
     out = Path(args.out)
     if args.build_from:
-        paths = [Path(p) for p in args.build_from.split(",")]
+        # PATH or PATH:KEY+KEY: only those sections of that run (e.g. the prefill rows of an earlier run whose
+        # decode path has since changed); a KEY ``whole@TAG`` keeps the whole-model rows of one tag
+        # (``engine`` or ``validation``), ``memory_check`` / ``whole@engine`` can also name labels after a
+        # ``/`` (``whole@engine/all-gdn/all-kda``) to take only those placements' rows from that run.
+        specs = [item.split(":", 1) for item in args.build_from.split(",")]
+        paths = [Path(sp[0]) for sp in specs]
         raw_path = paths[0]
         if len(paths) > 1:
-            raw = merge_raw([json.loads(p.read_text()) for p in paths], [str(p) for p in paths])
+            raws = [select_sections(json.loads(p.read_text()), sp[1] if len(sp) == 2 else None)
+                    for sp, p in zip(specs, paths, strict=True)]  # fmt: skip
+            raw = merge_raw(raws, [":".join(sp) for sp in specs])
             raw_path = out / MERGED_NAME
             write_json_atomic(raw_path, raw)
             print(f"merged {len(paths)} runs -> {raw_path}")

@@ -66,8 +66,11 @@ class RuntimeOverheads:
         logits_copies: logits ``[B, V]`` tensors alive at the end of a step (the graph's static output).
         attention_temp_bytes_per_slot: per sequence and cache slot: the validity mask and what SDPA derives
             from it.
-        gdn_state_copy: the runtime's GDN step returns a fresh fp32 state and copies it back (one extra
-            ``[Hv, dk, dv]`` fp32 tensor per sequence is alive inside the step).
+        gdn_state_copy: one extra ``[Hv, dk, dv]`` fp32 tensor per sequence held back for a GDN step. The step
+            used to return a fresh state and copy it back; the fused kernels update it in place, and the reserve
+            now covers what a step at a full cache needs beside it (logits, CUDA-graph pool): on the H200 the
+            all-GDN step at 32K ran at 1124 sequences and not at 1147, the allocation limit; this model
+            predicts 1119 (results/decode_measurements_h200_run6.json).
         conv_temp_factor: fp32 copies of the ``[C, K]`` conv window alive inside a GDN/KDA step.
     """
 

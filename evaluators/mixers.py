@@ -4,14 +4,21 @@ Each mixer has two entry points:
 
 - ``forward(x [B, T, d], positions [T], cache=None) -> [B, T, d]``: a whole sequence starting at position 0;
   when ``cache`` is given it is filled for decoding.
-- ``step(x [B, 1, d], pos [B], cache, ctx=None) -> [B, 1, d]``: one token at position ``pos``, updating ``cache``
-  in place with static shapes and no host synchronisation. ``ctx`` (:class:`~.cache.StepContext`) carries what all
+- ``step(x [B, 1, d], pos [B], cache, ctx=None, residual=None) -> [B, 1, d]``: one token at position ``pos``,
+  updating ``cache`` in place with static shapes and no host synchronisation; with ``residual`` the result is
+  ``residual + mixer(x)``. ``ctx`` (:class:`~.cache.StepContext`) carries what all
   layers of a step share (RoPE tables, slots, masks); without it the layer builds its own.
 
 GDN and KDA decode through :func:`~placement_search.kernels.gdn_decode_step` /
 :func:`~placement_search.kernels.kda_decode_step`: one fused Triton launch between the projections on CUDA
 (``decode_backend = "auto"``), the torch composition of the same ops on CPU. Set a module's ``decode_backend``
 to ``"torch"``, ``"fla"`` or ``"triton"`` to force a path.
+
+Decode projections go through :func:`~placement_search.kernels.projection` (the skinny Triton kernel on CUDA for a few
+rows, cuBLAS/CPU otherwise). On that path a mixer's input projections are packed into one ``[sum N, d]`` weight on
+the first step (:func:`packed_weight`; the parameters become row views of it, so nothing is copied twice and loading
+into them still works) and read in one launch, and the output projection adds the block's residual in its epilogue
+(``step(..., residual=x)`` returns ``x + mixer(h)``).
 
 The math lives in :mod:`placement_search.kernels`; here are only projections, reshapes and cache plumbing.
 """
@@ -45,6 +52,52 @@ class RMSNorm(nn.Module):
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         self.weight.fill_(1.0)
+
+
+def packed_weight(owner: nn.Module, linears: tuple[nn.Linear, ...], x: torch.Tensor) -> torch.Tensor | None:
+    """The weights of ``linears`` stacked into one ``[sum N, K]`` tensor, when the decode step's Triton projection
+    takes ``x`` (CUDA, a few rows, no gradient, no biases); None otherwise.
+
+    Packed on first use: the stacked tensor is allocated, filled, and each parameter's ``data`` becomes its row
+    view, so memory is not doubled. It is kept on ``owner`` (not as a parameter or buffer: the state dict keeps the
+    checkpoint's names) and packed again if a parameter was replaced since (a checkpoint load that assigns).
+    """
+    weights = [lin.weight for lin in linears]
+    if any(lin.bias is not None for lin in linears) or not K.linear_uses_triton(x, weights):
+        return None
+    if sum(w.numel() for w in weights) < K.SKINNY_MIN_WEIGHT:
+        return None
+    packed = owner.__dict__.get("_decode_pack")
+    if packed is not None and packed.shape[0] == sum(w.shape[0] for w in weights):
+        row, ok = 0, True
+        for w in weights:
+            ok = ok and w.data_ptr() == packed[row].data_ptr() and w.shape[1] == packed.shape[1]
+            row += w.shape[0]
+        if ok:
+            return packed
+    with torch.no_grad():
+        packed = torch.cat([w.detach() for w in weights])
+        row = 0
+        for w in weights:
+            w.data = packed[row : row + w.shape[0]]
+            row += w.shape[0]
+    owner.__dict__["_decode_pack"] = packed
+    return packed
+
+
+def _project(owner: nn.Module, linears: tuple[nn.Linear, ...], x: torch.Tensor) -> list[torch.Tensor]:
+    """``[lin(x) for lin in linears]`` for ``x [B, d]``: one launch over the packed weight on the Triton path
+    (the results are column views of its output), one projection each otherwise."""
+    packed = packed_weight(owner, linears, x)
+    if packed is None:
+        return [K.linear(x, lin.weight, lin.bias) for lin in linears]
+    return list(K.linear(x, packed).split([lin.weight.shape[0] for lin in linears], dim=-1))
+
+
+def _out_proj(lin: nn.Linear, o: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    """``lin(o)`` as ``[B, 1, d]`` for ``o [B, n]``, plus ``residual [B, 1, d]`` when given (fused on the Triton path)."""
+    res = None if residual is None else residual[:, 0]
+    return K.linear(o, lin.weight, lin.bias, residual=res)[:, None]
 
 
 def _conv(channels: int, kernel: int) -> nn.Conv1d:
@@ -120,19 +173,24 @@ class Attention(nn.Module):
         return self.o_proj(o.reshape(b, t, -1))
 
     def step(
-        self, x: torch.Tensor, pos: torch.Tensor, cache: AttentionCache, ctx: StepContext | None = None
+        self,
+        x: torch.Tensor,
+        pos: torch.Tensor,
+        cache: AttentionCache,
+        ctx: StepContext | None = None,
+        residual: torch.Tensor | None = None,
     ) -> torch.Tensor:
         b = x.shape[0]
         s = self.spec
         ctx = StepContext(pos) if ctx is None else ctx
-        q = self.q_proj(x).view(b, 1, s.heads, s.head_size)
-        k = self.k_proj(x).view(b, 1, s.head_groups, s.head_size)
-        v = self.v_proj(x).view(b, 1, s.head_groups, s.head_size)
+        q, k, v = _project(self, (self.q_proj, self.k_proj, self.v_proj), x[:, 0])
         cos, sin_signed = ctx.rope(s.head_size, s.rope_theta, x.dtype)
-        q, k = K.apply_rope_tables(q, cos, sin_signed), K.apply_rope_tables(k, cos, sin_signed)
-        cache.write_step(k, v, pos, slot=ctx.slot(cache), rows=ctx.rows)
+        q = K.rope_cache_write(
+            q.view(b, s.heads, s.head_size), k.view(b, s.head_groups, s.head_size),
+            v.view(b, s.head_groups, s.head_size), cos, sin_signed, cache.k, cache.v, ctx.slot(cache), ctx.rows,
+        )  # fmt: skip
         o = K.attention_decode(q, cache.k, cache.v, ctx.valid(cache), scale=self.scale)
-        return self.o_proj(o.reshape(b, 1, -1))
+        return _out_proj(self.o_proj, o.reshape(b, -1), residual)
 
 
 class GDN(nn.Module):
@@ -203,17 +261,22 @@ class GDN(nn.Module):
         return self._out(o, z)
 
     def step(
-        self, x: torch.Tensor, pos: torch.Tensor, cache: GDNCache, ctx: StepContext | None = None
+        self,
+        x: torch.Tensor,
+        pos: torch.Tensor,
+        cache: GDNCache,
+        ctx: StepContext | None = None,
+        residual: torch.Tensor | None = None,
     ) -> torch.Tensor:
         s = self.spec
-        x0 = x[:, 0]
-        qkv, z = self.in_proj_qkvz(x0).split([2 * s.key_dim + s.value_dim, s.value_dim], dim=-1)
-        b, a = self.in_proj_ba(x0).split([s.value_heads, s.value_heads], dim=-1)
+        qkvz, ba = _project(self, (self.in_proj_qkvz, self.in_proj_ba), x[:, 0])
+        qkv, z = qkvz.split([2 * s.key_dim + s.value_dim, s.value_dim], dim=-1)
+        b, a = ba.split([s.value_heads, s.value_heads], dim=-1)
         o = K.gdn_decode_step(
             qkv, z, b, a, cache.conv, self.convolution.weight, self.A_log, self.dt_bias, self.norm.weight,
             cache.state, norm_eps=self.norm.eps, backend=self.decode_backend,
         )  # fmt: skip
-        return self.out_proj(o)[:, None]
+        return _out_proj(self.out_proj, o, residual)
 
 
 class KDA(nn.Module):
@@ -286,17 +349,22 @@ class KDA(nn.Module):
         return self._out(o, gate)
 
     def step(
-        self, x: torch.Tensor, pos: torch.Tensor, cache: KDACache, ctx: StepContext | None = None
+        self,
+        x: torch.Tensor,
+        pos: torch.Tensor,
+        cache: KDACache,
+        ctx: StepContext | None = None,
+        residual: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x0 = x[:, 0]
+        inputs = (self.q_proj, self.k_proj, self.v_proj, self.f_a_proj, self.g_a_proj, self.beta_proj)
+        q, k, v, fa, ga, beta = _project(self, inputs, x[:, 0])
         o = K.kda_decode_step(
-            self.q_proj(x0), self.k_proj(x0), self.v_proj(x0), self.f_b_proj(self.f_a_proj(x0)),
-            self.beta_proj(x0), self.g_b_proj(self.g_a_proj(x0)),
+            q, k, v, K.linear(fa, self.f_b_proj.weight), beta, K.linear(ga, self.g_b_proj.weight),
             cache.q_conv, cache.k_conv, cache.v_conv, self.q_conv.weight, self.k_conv.weight, self.v_conv.weight,
             self.A_log, self.dt_bias, self.norm.weight, cache.state,
             norm_eps=self.norm.eps, backend=self.decode_backend,
         )  # fmt: skip
-        return self.o_proj(o)[:, None]
+        return _out_proj(self.o_proj, o, residual)
 
 
 Mixer = Attention | GDN | KDA

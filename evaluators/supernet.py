@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from placement_search import kernels as K
 from placement_search.errors import PlacementError
 from placement_search.evaluators.cache import Cache, CacheError, StepContext
 from placement_search.evaluators.mixers import INIT_STD, Mixer, RMSNorm, build_mixer, init_linear_and_conv
@@ -39,6 +40,14 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    def step(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """``residual + self(x)`` for one decode step: on the Triton path one launch for gate and up (SiLU and the
+        product fused) and one for down with the residual add fused (:func:`~placement_search.kernels.projection`)."""
+        if self.gate_proj.bias is not None:
+            return residual + self(x)
+        h = K.gated_linear(x, self.gate_proj.weight, self.up_proj.weight)
+        return K.linear(h, self.down_proj.weight, residual=residual)
 
 
 class MixerChoice(nn.Module):
@@ -74,8 +83,10 @@ class Block(nn.Module):
         step's shared :class:`StepContext` when the caller has one)."""
         mixer: Mixer = self.mixer.mixers[self.mixer.active]
         h = self.input_layernorm(x)
-        h = mixer.step(h, positions, cache, ctx) if decode else mixer(h, positions, cache)
-        x = x + h
+        if decode:  # the residual adds ride in the output projections' epilogues
+            x = mixer.step(h, positions, cache, ctx, residual=x)
+            return self.mlp.step(self.post_attention_layernorm(x), residual=x)
+        x = x + mixer(h, positions, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -254,10 +265,15 @@ class Supernet(nn.Module):
             x = block(x, cache.pos, cache.layers[i], decode=True, ctx=ctx)
             if return_hidden_states:
                 hidden.append(x)
-        logits = self.lm_head(self.model.norm(x))
+        logits = self.head_step(x)
         cache.pos.add_(1)
         cache.length += 1
         return logits, hidden
+
+    def head_step(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of a decode step's last hidden state ``x [B, 1, d]``: final norm and LM head through the decode
+        projection (:func:`~placement_search.kernels.projection`: the skinny Triton kernel on CUDA for a few rows)."""
+        return K.linear(self.model.norm(x), self.lm_head.weight, self.lm_head.bias)
 
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, cache: Cache) -> torch.Tensor:

@@ -512,7 +512,7 @@ class PieceBench:
         def fn() -> torch.Tensor:
             pos.copy_(pos0)
             x = m.model.embed_tokens(token[:, None])
-            logits = m.lm_head(m.model.norm(x))
+            logits = m.head_step(x)
             pos.add_(1)
             return logits
 
@@ -527,7 +527,7 @@ class PieceBench:
         def fn() -> torch.Tensor:
             x = x0
             for blk in blocks:
-                x = x + blk.mlp(blk.post_attention_layernorm(x))
+                x = blk.mlp.step(blk.post_attention_layernorm(x), residual=x)
             return x
 
         t = self._time(fn)

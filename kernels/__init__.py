@@ -21,9 +21,12 @@ from .delta_rule import (
 from .fused_decode import gdn_decode_step, kda_decode_step
 from .kda import kda, kda_gate, kda_step
 from .norm import rms_norm
-from .rope import apply_rope, apply_rope_tables, rope_cos_sin, rope_step_tables, rotate_half
+from .projection import SKINNY_MIN_WEIGHT, gated_linear, linear
+from .projection import uses_triton as linear_uses_triton
+from .rope import apply_rope, apply_rope_tables, rope_cache_write, rope_cos_sin, rope_step_tables, rotate_half
 
 __all__ = [
+    "SKINNY_MIN_WEIGHT",
     "apply_rope",
     "apply_rope_tables",
     "attention",
@@ -36,6 +39,7 @@ __all__ = [
     "fla_available",
     "gated_delta_rule",
     "gated_delta_rule_step",
+    "gated_linear",
     "gdn_as_kda",
     "gdn_decode_step",
     "gdn_gate",
@@ -44,8 +48,11 @@ __all__ = [
     "kda_gate",
     "kda_step",
     "l2norm",
+    "linear",
+    "linear_uses_triton",
     "naive_delta_rule",
     "rms_norm",
+    "rope_cache_write",
     "rope_cos_sin",
     "rope_step_tables",
     "rotate_half",

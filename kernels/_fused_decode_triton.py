@@ -4,9 +4,15 @@ Kept in a module of its own because ``triton.jit`` decides at decoration time wh
 in Triton's interpreter (``TRITON_INTERPRET=1``, how the CPU tests run them): importing this module only when a
 Triton backend is asked for keeps that choice with the caller and keeps triton out of the CPU runtime's imports.
 
-Both kernels fuse a whole decode step after the input projections. Each program owns whole heads: every channel
-it reads from a conv state is written back by the same program (after a CTA barrier), so the in-place shift has no
-race between programs. The fp32 state tile ``[DK, DV]`` of one head lives in registers.
+Each mixer's decode step after the input projections is two launches. The *state* kernel has one program per
+batch row, head and block of ``BV`` value columns: it computes the conv outputs it needs (q and k of its head: the
+whole key dimension; its block of v), the gates, the delta-rule update of its ``[DK, BV]`` fp32 state tile (held in
+registers) and ``o = S^T q`` for its columns. The *finish* kernel (one program per row and head) applies the gated
+RMSNorm, which needs the whole head's ``o``, and shifts the q/k conv channels. Every conv channel is shifted by the
+one program that owns it, after every reader has read it: v blocks by their state program (no other program reads
+them), q/k channels (read by all column blocks and, in GDN, by the value heads sharing a key head) by the finish
+kernel, which runs after the state kernel. Splitting the value columns keeps the tiles small (more programs in
+flight per SM, and B * H * DV / BV programs in all: 128 at batch 1).
 
 Rounding: wherever the torch composition (:func:`.fused_decode.gdn_decode_step` with ``backend="torch"``) rounds
 an intermediate to the activation dtype (conv output, beta, o, the normalised o, the gate), the kernel rounds it
@@ -52,8 +58,9 @@ def _conv_silu_update(
     KW: tl.constexpr,
     KWP: tl.constexpr,
     DTYPE: tl.constexpr,
+    WRITE: tl.constexpr = True,
 ):
-    """Causal conv of one channel block at one step + SiLU; shifts the block's conv state in place.
+    """Causal conv of one channel block at one step + SiLU; shifts the block's conv state in place (``WRITE``).
 
     Returns ``silu(sum_j w[c, j] * window[c, j])`` in fp32 (rounded to DTYPE), ``window = [state[c, :], x[c]]``.
     """
@@ -75,14 +82,38 @@ def _conv_silu_update(
     ).to(tl.float32)
     y = tl.sum(win * w, axis=1)
     y = _rnd(y * tl.sigmoid(y), DTYPE)
-    # every thread of the program has its window before anyone overwrites the state
-    tl.debug_barrier()
-    tl.store(
-        cs_ptr + ch[:, None] * s_cs_c + (j[None, :] - 1) * s_cs_k,
-        win.to(cs_ptr.dtype.element_ty),
-        mask=cm[:, None] & (j[None, :] >= 1) & (j[None, :] < KW),
-    )
+    if WRITE:
+        # every thread of the program has its window before anyone overwrites the state
+        tl.debug_barrier()
+        tl.store(
+            cs_ptr + ch[:, None] * s_cs_c + (j[None, :] - 1) * s_cs_k,
+            win.to(cs_ptr.dtype.element_ty),
+            mask=cm[:, None] & (j[None, :] >= 1) & (j[None, :] < KW),
+        )
     return y
+
+
+@triton.jit
+def _conv_shift(
+    x_ptr,  # [C] row of the new inputs
+    cs_ptr,  # conv state row base [C, KW-1]
+    c0,  # first channel
+    n_ch,  # channels (<= BC)
+    s_cs_c,
+    s_cs_k,
+    BC: tl.constexpr,
+    KW: tl.constexpr,
+    KWP: tl.constexpr,
+):
+    """``state[c] = [state[c, 1:], x[c]]`` for channels ``c0 .. c0 + n_ch`` (in place; the program's own channels)."""
+    c = c0 + tl.arange(0, BC)
+    j = tl.arange(0, KWP)
+    cm = tl.arange(0, BC) < n_ch
+    x = tl.load(x_ptr + c, mask=cm, other=0.0)
+    old = tl.load(cs_ptr + c[:, None] * s_cs_c + j[None, :] * s_cs_k, mask=cm[:, None] & (j[None, :] < KW - 1), other=0.0)
+    win = tl.where(j[None, :] == KW - 1, x[:, None].to(old.dtype), old)
+    tl.debug_barrier()
+    tl.store(cs_ptr + c[:, None] * s_cs_c + (j[None, :] - 1) * s_cs_k, win, mask=cm[:, None] & (j[None, :] >= 1) & (j[None, :] < KW))
 
 
 @triton.jit
@@ -127,83 +158,113 @@ def _softplus(x):
 
 
 @triton.jit
-def gdn_decode_kernel(
+def gdn_state_kernel(
     qkv_ptr, s_qkv,  # [B, C] conv input (pre-conv q|k|v), row stride
-    z_ptr, s_z,  # [B, HV*DV]
     b_ptr, s_b,  # [B, HV] (pre-sigmoid)
     a_ptr, s_a,  # [B, HV]
-    cs_ptr, s_cs_b, s_cs_c, s_cs_k,  # conv state [B, C, KW-1], in place
+    cs_ptr, s_cs_b, s_cs_c, s_cs_k,  # conv state [B, C, KW-1]: the v channels shifted in place here
     w_ptr, s_w_c, s_w_k,  # conv weight [C, KW]
-    alog_ptr, dtb_ptr, nw_ptr,  # A_log [HV], dt_bias [HV], norm weight [DV]
+    alog_ptr, dtb_ptr,  # A_log [HV], dt_bias [HV]
     state_ptr,  # fp32 [B, HV, DK, DV] contiguous, in place
-    out_ptr, s_out,  # [B, HV*DV]
+    o_ptr, s_o,  # [B, HV*DV] o = S^T q, rounded to the activation dtype
     scale,
     HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, KW: tl.constexpr, KWP: tl.constexpr,
-    NORM_EPS: tl.constexpr, L2_EPS: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, KW: tl.constexpr, KWP: tl.constexpr, L2_EPS: tl.constexpr,
 ):  # fmt: skip
-    """One GDN decode step for batch row ``program_id(0)`` and key head ``program_id(1)`` with its
-    ``HV // HK`` value heads (they share the key head's q/k conv channels, so one program owns them)."""
-    DTYPE: tl.constexpr = out_ptr.dtype.element_ty
+    """The delta-rule step of batch row ``program_id(0)``, value head ``program_id(1)``, value columns
+    ``program_id(2) * BV ..`` (a ``[DK, BV]`` tile of the state).
+
+    Every program computes its head's q and k from the conv state without writing it (the value heads of a key
+    head and the column blocks of a head all read them; :func:`gdn_finish_kernel` shifts them afterwards) and owns
+    its block of v channels, which it shifts here.
+    """
+    DTYPE: tl.constexpr = o_ptr.dtype.element_ty
     i_b = tl.program_id(0).to(tl.int64)
-    i_hk = tl.program_id(1)
-    G: tl.constexpr = HV // HK
+    hv = tl.program_id(1)
+    v0 = tl.program_id(2) * BV
+    i_hk = hv // (HV // HK)
     row = qkv_ptr + i_b * s_qkv
     cs = cs_ptr + i_b * s_cs_b
-    q = _conv_silu_update(row, cs, w_ptr, i_hk * DK, DK, s_cs_c, s_cs_k, s_w_c, s_w_k, BK, KW, KWP, DTYPE)
+    q = _conv_silu_update(row, cs, w_ptr, i_hk * DK, DK, s_cs_c, s_cs_k, s_w_c, s_w_k, BK, KW, KWP, DTYPE, False)
     k = _conv_silu_update(
-        row, cs, w_ptr, HK * DK + i_hk * DK, DK, s_cs_c, s_cs_k, s_w_c, s_w_k, BK, KW, KWP, DTYPE
+        row, cs, w_ptr, HK * DK + i_hk * DK, DK, s_cs_c, s_cs_k, s_w_c, s_w_k, BK, KW, KWP, DTYPE, False
     )
     q = _l2norm_scale(q, scale, L2_EPS)
     k = _l2norm_scale(k, 1.0, L2_EPS)
+    nv = tl.minimum(DV - v0, BV)
+    v = _conv_silu_update(
+        row, cs, w_ptr, 2 * HK * DK + hv * DV + v0, nv, s_cs_c, s_cs_k, s_w_c, s_w_k, BV, KW, KWP, DTYPE
+    )
+    beta = _rnd(tl.sigmoid(tl.load(b_ptr + i_b * s_b + hv).to(tl.float32)), DTYPE)
+    a = tl.load(a_ptr + i_b * s_a + hv).to(tl.float32) + tl.load(dtb_ptr + hv).to(tl.float32)
+    g = -tl.exp(tl.load(alog_ptr + hv).to(tl.float32)) * _softplus(a)
     rk = tl.arange(0, BK)
     rv = tl.arange(0, BV)
-    vm = rv < DV
-    s_mask = (rk[:, None] < DK) & vm[None, :]
-    nw = tl.load(nw_ptr + rv, mask=vm, other=0.0).to(tl.float32)
-    for i in tl.static_range(G):
-        hv = i_hk * G + i
-        v = _conv_silu_update(
-            row, cs, w_ptr, 2 * HK * DK + hv * DV, DV, s_cs_c, s_cs_k, s_w_c, s_w_k, BV, KW, KWP, DTYPE
-        )
-        b_raw = tl.load(b_ptr + i_b * s_b + hv).to(tl.float32)
-        beta = _rnd(tl.sigmoid(b_raw), DTYPE)
-        a = tl.load(a_ptr + i_b * s_a + hv).to(tl.float32) + tl.load(dtb_ptr + hv).to(tl.float32)
-        g = -tl.exp(tl.load(alog_ptr + hv).to(tl.float32)) * _softplus(a)
-        s_ptrs = state_ptr + ((i_b * HV + hv) * DK + rk[:, None]) * DV + rv[None, :]
-        o = _delta_rule_head(s_ptrs, s_mask, q, k, v, tl.exp(g), beta)
-        zg = tl.load(z_ptr + i_b * s_z + hv * DV + rv, mask=vm, other=0.0).to(tl.float32)
-        y = _gated_rmsnorm(o, zg, nw, DV, NORM_EPS, DTYPE)
-        tl.store(out_ptr + i_b * s_out + hv * DV + rv, y.to(out_ptr.dtype.element_ty), mask=vm)
+    vm = rv < nv
+    s_ptrs = state_ptr + ((i_b * HV + hv) * DK + rk[:, None]) * DV + v0 + rv[None, :]
+    o = _delta_rule_head(s_ptrs, (rk[:, None] < DK) & vm[None, :], q, k, v, tl.exp(g), beta)
+    tl.store(o_ptr + i_b * s_o + hv * DV + v0 + rv, _rnd(o, DTYPE).to(DTYPE), mask=vm)
 
 
 @triton.jit
-def kda_decode_kernel(
+def gdn_finish_kernel(
+    o_ptr, s_o,  # [B, HV*DV] from gdn_state_kernel
+    z_ptr, s_z,  # [B, HV*DV]
+    nw_ptr,  # norm weight [DV]
+    qkv_ptr, s_qkv,  # [B, C] conv input: its q/k channels go into the conv state
+    cs_ptr, s_cs_b, s_cs_c, s_cs_k,  # conv state [B, C, KW-1]
+    out_ptr, s_out,  # [B, HV*DV]
+    QK_PER: tl.constexpr,  # q/k conv channels shifted per program (2*HK*DK / HV, rounded up)
+    HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+    BV: tl.constexpr, BQ: tl.constexpr, KW: tl.constexpr, KWP: tl.constexpr, NORM_EPS: tl.constexpr,
+):  # fmt: skip
+    """Gated RMSNorm of value head ``program_id(1)`` of row ``program_id(0)``; then this program's share of the
+    q/k conv channels shifted (every state program has read them: this kernel runs after)."""
+    DTYPE: tl.constexpr = out_ptr.dtype.element_ty
+    i_b = tl.program_id(0).to(tl.int64)
+    hv = tl.program_id(1)
+    rv = tl.arange(0, BV)
+    vm = rv < DV
+    o = tl.load(o_ptr + i_b * s_o + hv * DV + rv, mask=vm, other=0.0).to(tl.float32)
+    zg = tl.load(z_ptr + i_b * s_z + hv * DV + rv, mask=vm, other=0.0).to(tl.float32)
+    nw = tl.load(nw_ptr + rv, mask=vm, other=0.0).to(tl.float32)
+    y = _gated_rmsnorm(o, zg, nw, DV, NORM_EPS, DTYPE)
+    tl.store(out_ptr + i_b * s_out + hv * DV + rv, y.to(DTYPE), mask=vm)
+    c0 = hv * QK_PER
+    n = tl.minimum(2 * HK * DK - c0, QK_PER)
+    _conv_shift(qkv_ptr + i_b * s_qkv, cs_ptr + i_b * s_cs_b, c0, n, s_cs_c, s_cs_k, BQ, KW, KWP)
+
+
+@triton.jit
+def kda_state_kernel(
     q_ptr, s_q, k_ptr, s_k, v_ptr, s_v,  # [B, H*D] conv inputs, row strides
     f_ptr, s_f,  # [B, H*D] f_b_proj output (pre-gate)
     beta_ptr, s_beta,  # [B, H] beta_proj output (pre-sigmoid)
-    gate_ptr, s_gate,  # [B, H*D] g_b_proj output
     qcs_ptr, kcs_ptr, vcs_ptr, s_cs_b, s_cs_c, s_cs_k,  # conv states [B, H*D, KW-1] (same strides)
     qw_ptr, kw_ptr, vw_ptr, s_w_c, s_w_k,  # conv weights [H*D, KW] (same strides)
-    alog_ptr, dtb_ptr, nw_ptr,  # A_log [H], dt_bias [H*D], norm weight [D]
+    alog_ptr, dtb_ptr,  # A_log [H], dt_bias [H*D]
     state_ptr,  # fp32 [B, H, D, D] contiguous, in place
-    out_ptr, s_out,  # [B, H*D]
+    o_ptr, s_o,  # [B, H*D] o = S^T q, rounded to the activation dtype
     scale,
-    H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, KW: tl.constexpr, KWP: tl.constexpr,
-    NORM_EPS: tl.constexpr, L2_EPS: tl.constexpr,
+    H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, KW: tl.constexpr, KWP: tl.constexpr,
+    L2_EPS: tl.constexpr,
 ):  # fmt: skip
-    """One KDA decode step for batch row ``program_id(0)`` and head ``program_id(1)``."""
-    DTYPE: tl.constexpr = out_ptr.dtype.element_ty
+    """The KDA step of batch row ``program_id(0)``, head ``program_id(1)``, value columns ``program_id(2) * BV ..``.
+    q and k are read from their conv states (shifted later by :func:`kda_finish_kernel`); the v block is owned and
+    shifted here."""
+    DTYPE: tl.constexpr = o_ptr.dtype.element_ty
     i_b = tl.program_id(0).to(tl.int64)
     i_h = tl.program_id(1)
+    v0 = tl.program_id(2) * BV
     c0 = i_h * D
     off_cs = i_b * s_cs_b
     q = _conv_silu_update(q_ptr + i_b * s_q, qcs_ptr + off_cs, qw_ptr, c0, D, s_cs_c, s_cs_k, s_w_c, s_w_k,
-                          BD, KW, KWP, DTYPE)  # fmt: skip
+                          BD, KW, KWP, DTYPE, False)  # fmt: skip
     k = _conv_silu_update(k_ptr + i_b * s_k, kcs_ptr + off_cs, kw_ptr, c0, D, s_cs_c, s_cs_k, s_w_c, s_w_k,
-                          BD, KW, KWP, DTYPE)  # fmt: skip
-    v = _conv_silu_update(v_ptr + i_b * s_v, vcs_ptr + off_cs, vw_ptr, c0, D, s_cs_c, s_cs_k, s_w_c, s_w_k,
-                          BD, KW, KWP, DTYPE)  # fmt: skip
+                          BD, KW, KWP, DTYPE, False)  # fmt: skip
+    nv = tl.minimum(D - v0, BV)
+    v = _conv_silu_update(v_ptr + i_b * s_v, vcs_ptr + off_cs, vw_ptr, c0 + v0, nv, s_cs_c, s_cs_k, s_w_c, s_w_k,
+                          BV, KW, KWP, DTYPE)  # fmt: skip
     q = _l2norm_scale(q, scale, L2_EPS)
     k = _l2norm_scale(k, 1.0, L2_EPS)
     r = tl.arange(0, BD)
@@ -212,10 +273,33 @@ def kda_decode_kernel(
     f = f + tl.load(dtb_ptr + c0 + r, mask=m, other=0.0).to(tl.float32)
     g = -tl.exp(tl.load(alog_ptr + i_h).to(tl.float32)) * _softplus(f)  # [BD] per key channel
     beta = _rnd(tl.sigmoid(tl.load(beta_ptr + i_b * s_beta + i_h).to(tl.float32)), DTYPE)
-    s_ptrs = state_ptr + ((i_b * H + i_h) * D + r[:, None]) * D + r[None, :]
-    s_mask = m[:, None] & m[None, :]
-    o = _delta_rule_head(s_ptrs, s_mask, q, k, v, tl.exp(g)[:, None], beta)
-    nw = tl.load(nw_ptr + r, mask=m, other=0.0).to(tl.float32)
+    rv = tl.arange(0, BV)
+    vm = rv < nv
+    s_ptrs = state_ptr + ((i_b * H + i_h) * D + r[:, None]) * D + v0 + rv[None, :]
+    o = _delta_rule_head(s_ptrs, m[:, None] & vm[None, :], q, k, v, tl.exp(g)[:, None], beta)
+    tl.store(o_ptr + i_b * s_o + c0 + v0 + rv, _rnd(o, DTYPE).to(DTYPE), mask=vm)
+
+
+@triton.jit
+def kda_finish_kernel(
+    o_ptr, s_o,  # [B, H*D] from kda_state_kernel
+    gate_ptr, s_gate,  # [B, H*D]
+    nw_ptr,  # norm weight [D]
+    q_ptr, s_q, k_ptr, s_k,  # [B, H*D] conv inputs: their channels go into the q/k conv states
+    qcs_ptr, kcs_ptr, s_cs_b, s_cs_c, s_cs_k,  # q/k conv states [B, H*D, KW-1]
+    out_ptr, s_out,  # [B, H*D]
+    D: tl.constexpr, BD: tl.constexpr, KW: tl.constexpr, KWP: tl.constexpr, NORM_EPS: tl.constexpr,
+):  # fmt: skip
+    """Gated RMSNorm of head ``program_id(1)`` of row ``program_id(0)``; then the head's q/k conv channels shifted."""
+    DTYPE: tl.constexpr = out_ptr.dtype.element_ty
+    i_b = tl.program_id(0).to(tl.int64)
+    c0 = tl.program_id(1) * D
+    r = tl.arange(0, BD)
+    m = r < D
+    o = tl.load(o_ptr + i_b * s_o + c0 + r, mask=m, other=0.0).to(tl.float32)
     gt = tl.load(gate_ptr + i_b * s_gate + c0 + r, mask=m, other=0.0).to(tl.float32)
+    nw = tl.load(nw_ptr + r, mask=m, other=0.0).to(tl.float32)
     y = _gated_rmsnorm(o, gt, nw, D, NORM_EPS, DTYPE)
-    tl.store(out_ptr + i_b * s_out + c0 + r, y.to(out_ptr.dtype.element_ty), mask=m)
+    tl.store(out_ptr + i_b * s_out + c0 + r, y.to(DTYPE), mask=m)
+    _conv_shift(q_ptr + i_b * s_q, qcs_ptr + i_b * s_cs_b, c0, D, s_cs_c, s_cs_k, BD, KW, KWP)
+    _conv_shift(k_ptr + i_b * s_k, kcs_ptr + i_b * s_cs_b, c0, D, s_cs_c, s_cs_k, BD, KW, KWP)

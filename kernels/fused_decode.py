@@ -13,7 +13,8 @@ Backends:
   :func:`.delta_rule.delta_rule_step_torch`, :func:`.norm.rms_norm`); the reference and the CPU path.
 - ``"fla"``: the same composition with fla's fused-recurrent step for the delta rule (CUDA; the runtime's path
   before the fused kernels).
-- ``"triton"``: one Triton launch (:mod:`._fused_decode_triton`). On CPU tensors only under Triton's
+- ``"triton"``: two Triton launches (:mod:`._fused_decode_triton`): the state update split over value-column
+  blocks, then the gated norm and the shared q/k conv shift. On CPU tensors only under Triton's
   interpreter (``TRITON_INTERPRET=1`` set before triton is imported), which is how the tests run it.
 - ``"auto"``: on CUDA :data:`AUTO_CUDA_BACKEND` (``"triton"``, checked and timed on the H200 by
   ``benchmarks/bench_decode_kernels.py``; ``"fla"`` when triton is missing); ``"torch"`` on CPU.
@@ -45,8 +46,8 @@ def _triton_module() -> ModuleType:
 
 
 #: What ``auto`` picks on CUDA: the fused Triton kernels, checked on the H200 against the torch reference
-#: (output rel. error <= 3.5e-4, state <= 4.5e-5, bf16) and faster than fla in place at every batch
-#: (GDN 1.7x, KDA 1.8x at B=1024; 2.4x / 11x at B=1): results/decode_kernels_h200.json.
+#: (output rel. error <= 1.1e-4, state <= 4.4e-5, bf16) and faster than fla in place at every batch
+#: (GDN 1.5x, KDA 1.8x at B=1024; 6.9x / 13x at B=1): results/decode_kernels_h200.json.
 AUTO_CUDA_BACKEND = "triton"
 
 
@@ -116,6 +117,19 @@ def _check_state(state: Tensor, shape: tuple[int, ...], triton_path: bool) -> No
         raise ValueError("the triton backend updates a contiguous fp32 state in place")
 
 
+#: Value columns per program of the Triton state kernels (a ``[DK, BLOCK_V]`` fp32 tile per program), and below
+#: ``SMALL_BATCH`` rows half as many (more programs where there are few): on the H200 at the 15B sizes 64 columns
+#: beat 16, 32 and 128 from batch 16 up (GDN B=1024: 1.42 ms vs 1.56 (32), 1.48 (128)), 16-32 at batch 1 (7.1-7.6
+#: us vs 8.2): results/decode_kernels_h200.json.
+BLOCK_V = 64
+SMALL_BATCH = 16
+
+
+def _block_v(dv: int, block_v: int | None, batch: int) -> int:
+    default = BLOCK_V if batch >= SMALL_BATCH else BLOCK_V // 2
+    return min(_next_pow2(dv), _next_pow2(block_v or default))
+
+
 def _launch_kw(bk: int, bv: int, num_warps: int | None) -> dict[str, int]:
     """Warps for a ``[BK, BV]`` fp32 state tile held in registers: about 32 elements (and their addresses) per
     thread unless ``num_warps`` is given, capped at 4 warps: on the H200 at 128 x 128 tiles 4 warps beat 8 and 16 at
@@ -141,6 +155,7 @@ def gdn_decode_step(
     scale: float | None = None,
     backend: str = "auto",
     num_warps: int | None = None,
+    block_v: int | None = None,
 ) -> Tensor:
     """One GDN decode token after ``in_proj_qkvz`` / ``in_proj_ba``; conv and recurrent states updated IN PLACE.
 
@@ -161,6 +176,7 @@ def gdn_decode_step(
         scale: query scale, default ``DK ** -0.5``.
         backend: ``"auto"``, ``"torch"``, ``"fla"``, ``"triton"`` (see the module docstring).
         num_warps: Triton launch width (default from the tile size); ignored by the other backends.
+        block_v: value columns per program of the Triton state kernel (default :data:`BLOCK_V`, half below ``SMALL_BATCH`` rows).
 
     Returns:
         ``[B, HV*DV]`` in z.dtype: ``rmsnorm(o) * norm_weight * silu(z)`` per value head, ready for ``out_proj``.
@@ -180,14 +196,21 @@ def gdn_decode_step(
         if conv_state.shape != (B, C, w.shape[1] - 1):
             raise ValueError(f"conv_state must be {(B, C, w.shape[1] - 1)}, got {tuple(conv_state.shape)}")
         tk = _triton_module()
-        out = torch.empty(B, HV * DV, dtype=z.dtype, device=z.device)
-        bk, bv, kw = _next_pow2(DK), _next_pow2(DV), w.shape[1]
-        tk.gdn_decode_kernel[(B, HK)](
-            qkv, qkv.stride(0), z, z.stride(0), b, b.stride(0), a, a.stride(0),
-            conv_state, conv_state.stride(0), conv_state.stride(1), conv_state.stride(2),
-            w, w.stride(0), w.stride(1), A_log, dt_bias, norm_weight, state, out, out.stride(0), scale,
-            HK=HK, HV=HV, DK=DK, DV=DV, BK=bk, BV=bv, KW=kw, KWP=_next_pow2(kw),
-            NORM_EPS=norm_eps, L2_EPS=L2NORM_EPS, **_launch_kw(bk, bv, num_warps),
+        o = torch.empty(B, HV * DV, dtype=z.dtype, device=z.device)
+        out = torch.empty_like(o)
+        bk, bv, kw = _next_pow2(DK), _block_v(DV, block_v, B), w.shape[1]
+        cs_strides = (conv_state.stride(0), conv_state.stride(1), conv_state.stride(2))
+        tk.gdn_state_kernel[(B, HV, -(-DV // bv))](
+            qkv, qkv.stride(0), b, b.stride(0), a, a.stride(0), conv_state, *cs_strides,
+            w, w.stride(0), w.stride(1), A_log, dt_bias, state, o, o.stride(0), scale,
+            HK=HK, HV=HV, DK=DK, DV=DV, BK=bk, BV=bv, KW=kw, KWP=_next_pow2(kw), L2_EPS=L2NORM_EPS,
+            **_launch_kw(bk, bv, num_warps),
+        )  # fmt: skip
+        qk_per = -(-2 * HK * DK // HV)  # q/k conv channels each finishing program shifts
+        tk.gdn_finish_kernel[(B, HV)](
+            o, o.stride(0), z, z.stride(0), norm_weight, qkv, qkv.stride(0), conv_state, *cs_strides,
+            out, out.stride(0), QK_PER=qk_per, HK=HK, HV=HV, DK=DK, DV=DV, BV=_next_pow2(DV),
+            BQ=_next_pow2(qk_per), KW=kw, KWP=_next_pow2(kw), NORM_EPS=norm_eps, num_warps=4,
         )  # fmt: skip
         return out
     y = causal_conv1d_update(qkv, conv_state, w, activation="silu")
@@ -224,6 +247,7 @@ def kda_decode_step(
     scale: float | None = None,
     backend: str = "auto",
     num_warps: int | None = None,
+    block_v: int | None = None,
 ) -> Tensor:
     """One KDA decode token after the projections; the three conv states and the recurrent state updated IN PLACE.
 
@@ -240,6 +264,7 @@ def kda_decode_step(
         scale: query scale, default ``D ** -0.5``.
         backend: ``"auto"``, ``"torch"``, ``"fla"``, ``"triton"``.
         num_warps: Triton launch width (default from the tile size); ignored by the other backends.
+        block_v: value columns per program of the Triton state kernel (default :data:`BLOCK_V`, half below ``SMALL_BATCH`` rows).
 
     Returns:
         ``[B, H*D]`` in gate.dtype: ``rmsnorm(o) * norm_weight * silu(gate)`` per head, ready for ``o_proj``.
@@ -263,15 +288,20 @@ def kda_decode_step(
                 "the triton backend needs the three conv states (and weights) alike in shape and strides"
             )
         tk = _triton_module()
-        out = torch.empty(B, H * D, dtype=gate.dtype, device=gate.device)
-        bd, kw = _next_pow2(D), ws[0].shape[1]
+        o = torch.empty(B, H * D, dtype=gate.dtype, device=gate.device)
+        out = torch.empty_like(o)
+        bd, bv, kw = _next_pow2(D), _block_v(D, block_v, B), ws[0].shape[1]
         cs0, w0 = css[0], ws[0]
-        tk.kda_decode_kernel[(B, H)](
+        cs_strides = (cs0.stride(0), cs0.stride(1), cs0.stride(2))
+        tk.kda_state_kernel[(B, H, -(-D // bv))](
             q, q.stride(0), k, k.stride(0), v, v.stride(0), f, f.stride(0), beta, beta.stride(0),
-            gate, gate.stride(0), *css, cs0.stride(0), cs0.stride(1), cs0.stride(2),
-            *ws, w0.stride(0), w0.stride(1), A_log, dt_bias, norm_weight, state, out, out.stride(0), scale,
-            H=H, D=D, BD=bd, KW=kw, KWP=_next_pow2(kw), NORM_EPS=norm_eps, L2_EPS=L2NORM_EPS,
-            **_launch_kw(bd, bd, num_warps),
+            *css, *cs_strides, *ws, w0.stride(0), w0.stride(1), A_log, dt_bias, state, o, o.stride(0), scale,
+            H=H, D=D, BD=bd, BV=bv, KW=kw, KWP=_next_pow2(kw), L2_EPS=L2NORM_EPS, **_launch_kw(bd, bv, num_warps),
+        )  # fmt: skip
+        tk.kda_finish_kernel[(B, H)](
+            o, o.stride(0), gate, gate.stride(0), norm_weight, q, q.stride(0), k, k.stride(0),
+            q_conv_state, k_conv_state, *cs_strides, out, out.stride(0),
+            D=D, BD=bd, KW=kw, KWP=_next_pow2(kw), NORM_EPS=norm_eps, num_warps=4,
         )  # fmt: skip
         return out
     heads = (B, H, D)

@@ -100,3 +100,66 @@ def apply_rope_tables(x: Tensor, cos: Tensor, sin_signed: Tensor) -> Tensor:
     """
     rolled = x.roll(x.shape[-1] // 2, dims=-1)
     return (x * cos + rolled * sin_signed).to(x.dtype)
+
+
+def rope_cache_write(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cos: Tensor,
+    sin_signed: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    slot: Tensor,
+    rows: Tensor | None = None,
+    *,
+    backend: str = "auto",
+) -> Tensor:
+    """One decode token of an attention layer: RoPE on q and k, and the rotated k and v written into the caches.
+
+    Args:
+        q: ``[B, H, D]`` queries; k, v: ``[B, HKV, D]`` (row-strided views of a packed projection are fine; unit
+            stride over D for ``"triton"``).
+        cos, sin_signed: tables from :func:`rope_step_tables` (``[B, 1, 1, D]`` fp32).
+        k_cache, v_cache: ``[B, S, HKV, D]``, written in place at ``[b, slot[b]]``.
+        slot: LongTensor ``[B]``; rows: ``arange(B)`` (optional, precomputed by the caller).
+        backend: ``"torch"`` (:func:`apply_rope_tables` and indexed copies); ``"triton"`` (one launch,
+            :mod:`._rope_triton`; CPU tensors only under ``TRITON_INTERPRET=1``); ``"auto"``: Triton on CUDA for
+            bf16/fp16, torch otherwise.
+
+    Returns:
+        The rotated queries ``[B, 1, H, D]`` in q.dtype (the layout :func:`.attention.attention_decode` takes).
+    """
+    import os
+
+    from .backend import triton_available
+
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"unknown rope backend {backend!r}; expected auto, torch or triton")
+    B, H, D = q.shape
+    use = backend == "triton" or (
+        backend == "auto" and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and triton_available()
+    )
+    if use and not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("rope backend 'triton' on CPU tensors needs TRITON_INTERPRET=1 (Triton's interpreter)")
+    if use and all(t.stride(-1) == 1 for t in (q, k, v, k_cache, v_cache)) and k_cache.stride() == v_cache.stride():
+        import importlib
+
+        kern = importlib.import_module(f"{__package__}._rope_triton").rope_cache_write_kernel
+        cos2, sin2 = cos.reshape(B, D), sin_signed.reshape(B, D)
+        out = torch.empty(B, 1, H, D, dtype=q.dtype, device=q.device)
+        hkv = k.shape[1]
+        kern[(B, H + hkv)](
+            q, q.stride(0), q.stride(1), k, k.stride(0), k.stride(1), v, v.stride(0), v.stride(1),
+            cos2, sin2, cos2.stride(0), slot, out, out.stride(0), out.stride(2),
+            k_cache, v_cache, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            H, D=D, BD=1 << (D - 1).bit_length(), num_warps=1,
+        )  # fmt: skip
+        return out
+    if backend == "triton":
+        raise ValueError("rope backend 'triton' needs unit stride over D and caches of equal strides")
+    q4, k4 = apply_rope_tables(q[:, None], cos, sin_signed), apply_rope_tables(k[:, None], cos, sin_signed)
+    rows = torch.arange(B, device=q.device) if rows is None else rows
+    k_cache[rows, slot] = k4[:, 0]
+    v_cache[rows, slot] = v
+    return q4

@@ -36,7 +36,7 @@ def _rel(x: Any, ref: Any) -> float:
     return float((x.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30))
 
 
-def _gdn_case(hk: int, hv: int, dk: int, dv: int, kw: int, dtype: Any, seed: int) -> dict[str, Any]:
+def _gdn_case(hk: int, hv: int, dk: int, dv: int, kw: int, bv: int | None, dtype: Any, seed: int) -> dict[str, Any]:
     import torch
 
     from placement_search.kernels.fused_decode import gdn_decode_step
@@ -62,7 +62,7 @@ def _gdn_case(hk: int, hv: int, dk: int, dv: int, kw: int, dtype: Any, seed: int
         ref = gdn_decode_step(qkv, z, b, a, conv_ref, w, A_log, dt_bias, norm_w, state_ref, norm_eps=1e-5,
                               backend="torch")  # fmt: skip
         out = gdn_decode_step(qkv, z, b, a, conv_tri, w, A_log, dt_bias, norm_w, state_tri, norm_eps=1e-5,
-                              backend="triton")  # fmt: skip
+                              backend="triton", block_v=bv)  # fmt: skip
         errs["out"] = max(errs["out"], _rel(out, ref))
         errs["state"] = max(errs["state"], _rel(state_tri, state_ref))
         errs["conv_exact"] = min(errs["conv_exact"], float(torch.equal(conv_tri, conv_ref)))
@@ -70,7 +70,7 @@ def _gdn_case(hk: int, hv: int, dk: int, dv: int, kw: int, dtype: Any, seed: int
     return errs
 
 
-def _kda_case(h: int, d: int, kw: int, dtype: Any, seed: int) -> dict[str, Any]:
+def _kda_case(h: int, d: int, kw: int, bv: int | None, dtype: Any, seed: int) -> dict[str, Any]:
     import torch
 
     from placement_search.kernels.fused_decode import kda_decode_step
@@ -97,7 +97,7 @@ def _kda_case(h: int, d: int, kw: int, dtype: Any, seed: int) -> dict[str, Any]:
         ref = kda_decode_step(*common, *convs_ref, *ws, A_log, dt_bias, norm_w, state_ref, norm_eps=1e-5,
                               backend="torch")  # fmt: skip
         out = kda_decode_step(*common, *convs_tri, *ws, A_log, dt_bias, norm_w, state_tri, norm_eps=1e-5,
-                              backend="triton")  # fmt: skip
+                              backend="triton", block_v=bv)  # fmt: skip
         errs["out"] = max(errs["out"], _rel(out, ref))
         errs["state"] = max(errs["state"], _rel(state_tri, state_ref))
         exact = all(torch.equal(a, b) for a, b in zip(convs_tri, convs_ref, strict=True))
@@ -106,12 +106,15 @@ def _kda_case(h: int, d: int, kw: int, dtype: Any, seed: int) -> dict[str, Any]:
     return errs
 
 
-# name -> (kind, sizes); GDN sizes (HK, HV, DK, DV, K), KDA sizes (H, D, K)
-CASES: dict[str, tuple[str, tuple[int, ...]]] = {
-    "gdn_grouped_hv4hk": ("gdn", (2, 8, 16, 32, 4)),
-    "gdn_ungrouped_odd_dims": ("gdn", (2, 2, 12, 20, 3)),
-    "kda": ("kda", (3, 16, 4)),
-    "kda_odd_dim": ("kda", (2, 24, 4)),
+# name -> (kind, sizes); GDN sizes (HK, HV, DK, DV, K, value columns per program), KDA sizes (H, D, K, columns);
+# the column blocks split each head's state over several programs (None: the default, one block at these sizes)
+CASES: dict[str, tuple[str, tuple[int | None, ...]]] = {
+    "gdn_grouped_hv4hk": ("gdn", (2, 8, 16, 32, 4, 8)),
+    "gdn_grouped_one_block": ("gdn", (2, 4, 16, 16, 4, None)),
+    "gdn_ungrouped_odd_dims": ("gdn", (2, 2, 12, 20, 3, 8)),
+    "kda": ("kda", (3, 16, 4, 8)),
+    "kda_odd_dim": ("kda", (2, 24, 4, 16)),
+    "kda_one_block": ("kda", (2, 16, 4, None)),
 }
 
 

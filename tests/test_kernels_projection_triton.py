@@ -1,0 +1,163 @@
+"""The decode projections' Triton kernels (``linear`` / ``gated_linear`` / ``rms_norm`` with ``backend="triton"``)
+against the torch path, backend resolution, and the runtime's packed input projections.
+
+The kernels run on CPU tensors in Triton's interpreter (``TRITON_INTERPRET=1`` must be set before triton is
+imported, hence the subprocess). Inputs are fresh random tensors each run (the seed is reported). Tolerance: the
+largest difference relative to the largest output, 1e-6 in fp32 (summation order only) and 2^-7 in bf16 (one unit
+in the last place of the rounded output; in the interpreter both sides sum in fp32 and usually agree exactly).
+On the H200 the same comparison is in ``results/projection_kernels_h200.json`` (``benchmarks/bench_projection.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# name: (M, N, K, dtype, epilogue, row-strided x, config)
+CASES = {
+    "m1-plain": (1, 96, 256, "float32", "plain", False, {"BN": 32, "BK": 128, "STAGES": 2, "num_warps": 4}),
+    "m5-bias-odd-k": (5, 40, 300, "bfloat16", "bias", True, {"BN": 16, "BK": 128, "STAGES": 2, "num_warps": 4}),
+    "m16-residual": (16, 64, 512, "bfloat16", "residual", False, {"BN": 32, "BK": 256, "STAGES": 3, "num_warps": 4}),
+    "m3-residual-bias": (3, 50, 128, "float32", "residual+bias", True, None),
+    "m2-gated": (2, 72, 256, "bfloat16", "gated", False, {"BN": 32, "BK": 128, "STAGES": 2, "num_warps": 4}),
+    "m16-gated-odd": (16, 33, 200, "float32", "gated", True, {"BN": 16, "BK": 64, "STAGES": 2, "num_warps": 4}),
+}
+
+
+def _run_all(seed: int) -> dict[str, dict[str, float]]:
+    import torch
+    import torch.nn.functional as F
+
+    from placement_search.kernels.norm import rms_norm
+    from placement_search.kernels.projection import gated_linear, linear
+
+    g = torch.Generator().manual_seed(seed)
+    out: dict[str, dict[str, float]] = {}
+    for name, (M, N, K, dt, epi, strided, cfg) in CASES.items():
+        dtype = getattr(torch, dt)
+        wide = torch.randn(M, K + (7 if strided else 0), generator=g).to(dtype)
+        x = wide[:, 3 : 3 + K] if strided else wide
+        w = (torch.randn(N, K, generator=g) / K**0.5).to(dtype)
+        w2 = (torch.randn(N, K, generator=g) / K**0.5).to(dtype)
+        b = torch.randn(N, generator=g).to(dtype) if "bias" in epi else None
+        r = torch.randn(M, N, generator=g).to(dtype) if "residual" in epi else None
+        if epi == "gated":
+            y0 = gated_linear(x, w, w2, backend="torch")
+            y1 = gated_linear(x, w, w2, backend="triton", config=cfg)
+        else:
+            y0 = linear(x, w, b, residual=r, backend="torch")
+            y1 = linear(x, w, b, residual=r, backend="triton", config=cfg)
+        out[name] = {
+            "rel": float((y1.double() - y0.double()).abs().max() / y0.double().abs().max()),
+            "kept": float(y1.dtype == dtype and y1.shape == (M, N)),
+        }
+    for dt in ("float32", "bfloat16"):
+        dtype = getattr(torch, dt)
+        x = (3 * torch.randn(2, 5, 300, generator=g)).to(dtype)  # 10 rows, D not a power of two
+        w = torch.randn(300, generator=g).to(dtype)
+        y0 = rms_norm(x, w, 1e-5, backend="torch")
+        y1 = rms_norm(x, w, 1e-5, backend="triton")
+        ref = (F.rms_norm(x.double(), (300,), eps=1e-5).to(dtype) * w).double()
+        out[f"rms_norm-{dt}"] = {
+            "rel": float((y1.double() - y0.double()).abs().max() / y0.double().abs().max()),
+            "kept": float(y1.dtype == dtype and y1.shape == x.shape and (y1.double() - ref).abs().max() < 0.05),
+        }
+    return out
+
+
+@pytest.fixture(scope="module")
+def interpreted() -> dict[str, dict[str, float]]:
+    pytest.importorskip("triton", reason="triton is in the dev extra; the kernels are tested in its interpreter")
+    seed = int.from_bytes(os.urandom(4), "little") % 1_000_000
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), str(seed)],
+        env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"seed {seed}: {proc.stderr[-4000:]}"
+    return {"seed": seed, **json.loads(proc.stdout.strip().splitlines()[-1])}
+
+
+@pytest.mark.parametrize("case", [*CASES, "rms_norm-float32", "rms_norm-bfloat16"])
+def test_triton_linear_matches_torch(interpreted: dict, case: str) -> None:
+    r = interpreted[case]
+    dt = CASES[case][3] if case in CASES else case.split("-")[1]
+    tol = 1e-6 if dt == "float32" else 2.0**-7
+    assert r["rel"] <= tol, (interpreted["seed"], case, r)
+    assert r["kept"] == 1.0, (case, r)
+
+
+def test_linear_backend_resolution() -> None:
+    import torch
+
+    from placement_search.kernels.projection import SKINNY_MAX_ROWS, gated_linear, linear, uses_triton
+
+    x = torch.randn(2, 8)
+    w = torch.randn(4, 8)
+    assert not uses_triton(x, (w,))  # auto on CPU: torch
+    assert torch.equal(linear(x, w), x @ w.T)
+    with pytest.raises(ValueError, match="unknown linear backend 'cublas'"):
+        linear(x, w, backend="cublas")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+            linear(x, w, backend="triton")
+    with pytest.raises(ValueError, match="differ"):
+        gated_linear(x, w, torch.randn(5, 8))
+    big = torch.randn(SKINNY_MAX_ROWS + 1, 8)
+    os.environ["TRITON_INTERPRET"], old = "1", os.environ.get("TRITON_INTERPRET")
+    try:
+        with pytest.raises(ValueError, match=f"at most {SKINNY_MAX_ROWS} rows"):
+            linear(big, w, backend="triton")
+    finally:
+        if old is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+
+
+def test_packed_projections_are_views_and_repack(monkeypatch: pytest.MonkeyPatch, runtime_make_config) -> None:
+    """The packed input projection: parameters become row views of one tensor (no second copy), the state dict is
+    unchanged, the decode step's logits match the unpacked path, and a replaced parameter is packed again."""
+    import torch
+
+    from placement_search import kernels as K
+    from placement_search.evaluators import Supernet
+    from placement_search.evaluators import mixers as M
+    from placement_search.spec import ModelSpec
+
+    spec = ModelSpec.from_config(runtime_make_config(8), name="tiny")
+    placement = ["attention", "gdn", "kda", "sliding_window"] * (spec.num_layers // 4)
+    placement += ["attention"] * (spec.num_layers - len(placement))
+    model = Supernet(spec, device="cpu", dtype=torch.float32, seed=3).eval()
+    model.set_placement(placement)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    prompt = torch.randint(0, spec.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+
+    def run() -> torch.Tensor:
+        cache = model.new_cache(2, 12)
+        model.prefill(prompt[:, :-1], cache)
+        return model.decode_step(prompt[:, -1], cache)
+
+    plain = run()
+    monkeypatch.setattr(K, "linear_uses_triton", lambda x, ws, backend="auto": True)
+    monkeypatch.setattr(K, "SKINNY_MIN_WEIGHT", 0)  # the tiny model's weights are below the size worth packing
+    packed = run()
+    assert (packed - plain).abs().max() <= 1e-5 * plain.abs().max()
+    after = model.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+    att = next(b.mixer.mixers["attention"] for b in model.blocks if b.mixer.active == "attention")
+    pack = att.__dict__["_decode_pack"]
+    assert att.k_proj.weight.data_ptr() == pack[att.q_proj.weight.shape[0]].data_ptr()
+    att.k_proj.weight = torch.nn.Parameter(att.k_proj.weight.detach() + 1.0)  # replaced, as an assigning load does
+    replaced = att.k_proj.weight.detach().clone()
+    x = torch.randn(2, spec.hidden_size)
+    again = M.packed_weight(att, (att.q_proj, att.k_proj, att.v_proj), x)
+    assert again is not pack and att.k_proj.weight.data_ptr() == again[att.q_proj.weight.shape[0]].data_ptr()
+    assert torch.equal(att.k_proj.weight, replaced)
+
+if __name__ == "__main__":
+    print(json.dumps(_run_all(int(sys.argv[1]))))

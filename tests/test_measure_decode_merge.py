@@ -1,0 +1,65 @@
+"""``benchmarks/measure_decode.py --build-from`` over several runs: which rows of which run make the shipped table.
+
+The shipped 15B table merges three H200 runs (README "Decode speed on the H200"): the pieces must come from one run
+only (a table never mixes runs), and a ``RUN:KEY+KEY`` suffix must keep exactly the rows it names (sections,
+``whole@TAG``, ``/LABEL`` filters), so that rows measured on an older decode path cannot leak into the new table's
+validation or engine rows.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _module():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import measure_decode
+
+        return measure_decode
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def _raw(run: str, labels: tuple[str, ...], pieces: bool) -> dict:
+    return {
+        "meta": {"date": run, "command": f"run {run}", "gpu": "H200"},
+        "ceilings": {"copy_gbps": 4000.0 + len(run)},
+        "pieces": [{"kind": "shared", "batch": 1, "ms": 1.0, "run": run}] if pieces else [],
+        "whole": [{"tag": "engine", "label": lab, "batch": 1, "step_ms": 1.0, "run_id": run} for lab in labels]
+        + [{"tag": "validation", "label": None, "batch": 16, "step_ms": 2.0, "run_id": run}],
+        "memory_check": [{"label": lab, "actual": 10, "run_id": run} for lab in labels],
+        "prefill": [{"label": "all-attention", "s": 1.0, "run_id": run}],
+        "kernels": [],
+        "skipped": [],
+        "errors": [],
+    }
+
+
+def test_select_sections_keeps_only_named_rows() -> None:
+    md = _module()
+    raw = _raw("a", ("all-gdn", "mixed"), pieces=True)
+    assert md.select_sections(raw, None) is raw
+    only = md.select_sections(raw, "prefill+whole@engine/all-gdn")
+    assert only["pieces"] == [] and only["memory_check"] == [] and only["meta"] == raw["meta"]
+    assert [r["label"] for r in only["whole"]] == ["all-gdn"] and len(only["prefill"]) == 1
+    val = md.select_sections(raw, "whole@validation+memory_check/mixed")
+    assert [r["tag"] for r in val["whole"]] == ["validation"]
+    assert [r["label"] for r in val["memory_check"]] == ["mixed"]
+
+
+def test_merge_takes_pieces_from_one_run_and_filtered_rows_from_others() -> None:
+    md = _module()
+    new = md.select_sections(_raw("new", ("all-attention", "all-gdn"), pieces=True), "pieces+whole@engine/all-attention+whole@validation")
+    redo = md.select_sections(_raw("redo", ("all-gdn",), pieces=True), "whole@engine")
+    old = md.select_sections(_raw("old", ("all-attention", "all-gdn"), pieces=True), "prefill")
+    merged = md.merge_raw([new, redo, old], ["new", "redo:whole@engine", "old:prefill"])
+    assert [p["run"] for p in merged["pieces"]] == ["new"] and merged["meta"]["pieces_from"] == "new"
+    engine = sorted((r["label"], r["run_id"]) for r in merged["whole"] if r["tag"] == "engine")
+    assert engine == [("all-attention", "new"), ("all-gdn", "redo")]
+    assert [r["run_id"] for r in merged["whole"] if r["tag"] == "validation"] == ["new"]
+    assert [r["run_id"] for r in merged["prefill"]] == ["old"] and merged["memory_check"] == []
+    assert [r["source"] for r in merged["meta"]["runs"]] == ["new", "redo:whole@engine", "old:prefill"]
