@@ -1,8 +1,10 @@
 """placement_search.kernels: the mixer math of Super Apriel as pure functions on tensors.
 
 Every op has a pure-PyTorch path (the CPU reference) and a GPU path (SDPA / FlexAttention, fla's Triton
-kernels). Layout is ``[B, T, H, D]`` throughout; recurrent states are fp32 ``[B, H, DK, DV]``.
-fla is optional and only imported for CUDA tensors (see :mod:`.backend`).
+kernels, and our own Triton kernels in the ``_*_triton`` modules: the prefill conv, the fused GDN/KDA decode
+steps, decode attention, and the decode step's projections, RMSNorm and RoPE + cache write; each is also run on CPU
+tensors by the tests in Triton's interpreter). Layout is ``[B, T, H, D]`` throughout; recurrent states are fp32
+``[B, H, DK, DV]``. fla is optional and only imported for CUDA tensors (see :mod:`.backend`).
 """
 
 from .attention import attention, attention_decode, causal_window_mask

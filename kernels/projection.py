@@ -35,7 +35,7 @@ from .backend import triton_available
 LINEAR_OP_BACKENDS = ("auto", "torch", "triton")
 #: The most activation rows the Triton kernel takes (its ``BM`` tile).
 SKINNY_MAX_ROWS = 16
-#: ``"auto"`` picks Triton on CUDA when True (``benchmarks/bench_projection.py`` sets it False to time cuBLAS).
+#: ``"auto"`` picks Triton on CUDA when True (False: the whole decode path on cuBLAS, e.g. to compare).
 AUTO_CUDA_TRITON = True
 
 
@@ -64,7 +64,9 @@ SKINNY_MIN_WEIGHT = 1 << 22
 
 
 def uses_triton(x: Tensor, weights: tuple[Tensor, ...] | list[Tensor], backend: str = "auto") -> bool:
-    """Whether :func:`linear` / :func:`gated_linear` with ``backend`` run the Triton kernel for these tensors."""
+    """Whether the Triton kernel takes these tensors under ``backend`` (under ``"auto"``, :func:`linear` and
+    :func:`gated_linear` also leave weights under ``SKINNY_MIN_WEIGHT`` elements to cuBLAS); raises for a
+    ``"triton"`` request it cannot serve."""
     if backend not in LINEAR_OP_BACKENDS:
         raise ValueError(f"unknown linear backend {backend!r}; expected one of {LINEAR_OP_BACKENDS}")
     if backend == "torch":
@@ -98,6 +100,7 @@ def _launch(
     config: dict[str, int] | None,
 ) -> Tensor:
     n, k = w.shape
+    w, w2, bias = (None if t is None else t if t.stride(-1) == 1 else t.contiguous() for t in (w, w2, bias))
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
+import os
+
 import torch
 from torch import Tensor
+
+from .backend import triton_available
 
 
 def rope_cos_sin(
@@ -130,10 +135,6 @@ def rope_cache_write(
     Returns:
         The rotated queries ``[B, 1, H, D]`` in q.dtype (the layout :func:`.attention.attention_decode` takes).
     """
-    import os
-
-    from .backend import triton_available
-
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"unknown rope backend {backend!r}; expected auto, torch or triton")
     B, H, D = q.shape
@@ -143,8 +144,6 @@ def rope_cache_write(
     if use and not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("rope backend 'triton' on CPU tensors needs TRITON_INTERPRET=1 (Triton's interpreter)")
     if use and all(t.stride(-1) == 1 for t in (q, k, v, k_cache, v_cache)) and k_cache.stride() == v_cache.stride():
-        import importlib
-
         kern = importlib.import_module(f"{__package__}._rope_triton").rope_cache_write_kernel
         cos2, sin2 = cos.reshape(B, D), sin_signed.reshape(B, D)
         out = torch.empty(B, 1, H, D, dtype=q.dtype, device=q.device)

@@ -70,3 +70,28 @@ def runtime_tiny_config(num_blocks: int = 5, *, tie: bool = False, biases: bool 
 def runtime_make_config():
     """``runtime_tiny_config`` itself (tests call it with variants: tied head, biases, vision keys)."""
     return runtime_tiny_config
+
+
+@pytest.fixture(scope="session")
+def triton_interpreter():
+    """Run a test file's ``_run_all(seed)`` in a child process under Triton's interpreter, with a fresh seed.
+
+    ``TRITON_INTERPRET=1`` must be set before triton is imported (``triton.jit`` reads it when a kernel is
+    decorated), hence the child process: ``python TEST_FILE SEED`` must print the results as JSON on its last line.
+    Returns ``{"seed": SEED, **results}``; the seed is in every failure message.
+    """
+    import json
+    import subprocess
+    import sys
+
+    def run(test_file: str, timeout: int = 300) -> dict:
+        pytest.importorskip("triton", reason="triton is in the dev extra; Triton kernels are tested in its interpreter")
+        seed = int.from_bytes(os.urandom(4), "little") % 1_000_000
+        proc = subprocess.run(
+            [sys.executable, test_file, str(seed)],
+            env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=timeout,
+        )  # fmt: skip
+        assert proc.returncode == 0, f"seed {seed}: {proc.stderr[-4000:]}"
+        return {"seed": seed, **json.loads(proc.stdout.strip().splitlines()[-1])}
+
+    return run

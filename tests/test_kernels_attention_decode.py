@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -51,13 +49,8 @@ def _run_all(seed: int) -> dict[str, float]:
 
 
 @pytest.fixture(scope="module")
-def results() -> dict[str, float]:
-    pytest.importorskip("triton", reason="triton is in the dev extra; the kernel is tested in its interpreter")
-    seed = int.from_bytes(os.urandom(4), "little") % 1_000_000  # fresh inputs every run; reported on failure
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), str(seed)],
-                          env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return {**json.loads(proc.stdout.strip().splitlines()[-1]), "seed": seed}
+def results(triton_interpreter) -> dict[str, float]:
+    return triton_interpreter(__file__)
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -132,18 +130,8 @@ def _run_all(base_seed: int) -> dict[str, dict[str, float]]:
 
 
 @pytest.fixture(scope="module")
-def interpreted_results() -> dict[str, dict[str, float]]:
-    pytest.importorskip(
-        "triton", reason="triton is in the dev extra; the fused kernels are tested in its interpreter"
-    )
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    seed = int.from_bytes(os.urandom(4), "little") % 1_000_000  # fresh inputs every run; reported on failure
-    proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), str(seed)],
-        env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def interpreted_results(triton_interpreter) -> dict[str, dict[str, float]]:
+    return triton_interpreter(__file__)
 
 
 @pytest.mark.parametrize("case", list(CASES))

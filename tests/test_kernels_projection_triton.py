@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -71,15 +69,8 @@ def _run_all(seed: int) -> dict[str, dict[str, float]]:
 
 
 @pytest.fixture(scope="module")
-def interpreted() -> dict[str, dict[str, float]]:
-    pytest.importorskip("triton", reason="triton is in the dev extra; the kernels are tested in its interpreter")
-    seed = int.from_bytes(os.urandom(4), "little") % 1_000_000
-    proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), str(seed)],
-        env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0, f"seed {seed}: {proc.stderr[-4000:]}"
-    return {"seed": seed, **json.loads(proc.stdout.strip().splitlines()[-1])}
+def interpreted(triton_interpreter) -> dict[str, dict[str, float]]:
+    return triton_interpreter(__file__)
 
 
 @pytest.mark.parametrize("case", [*CASES, "rms_norm-float32", "rms_norm-bfloat16"])
