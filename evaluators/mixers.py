@@ -75,7 +75,8 @@ def packed_weight(owner: nn.Module, linears: tuple[nn.Linear, ...], x: torch.Ten
             row += w.shape[0]
         if ok:
             return packed
-    with torch.no_grad():
+    # a normal tensor even when the step runs under inference_mode: the parameters stay trainable afterwards
+    with torch.inference_mode(False), torch.no_grad():
         packed = torch.cat([w.detach() for w in weights])
         row = 0
         for w in weights:

@@ -149,6 +149,11 @@ def test_packed_projections_are_views_and_repack(monkeypatch: pytest.MonkeyPatch
     again = M.packed_weight(att, (att.q_proj, att.k_proj, att.v_proj), x)
     assert again is not pack and att.k_proj.weight.data_ptr() == again[att.q_proj.weight.shape[0]].data_ptr()
     assert torch.equal(att.k_proj.weight, replaced)
+    with torch.inference_mode():  # packed under inference mode, the parameters still train afterwards
+        att.__dict__.pop("_decode_pack")
+        M.packed_weight(att, (att.q_proj, att.k_proj, att.v_proj), x)
+    att.q_proj(x).sum().backward()
+    assert att.q_proj.weight.grad is not None and not att.q_proj.weight.is_inference()
 
 if __name__ == "__main__":
     print(json.dumps(_run_all(int(sys.argv[1]))))
