@@ -59,25 +59,6 @@ class AttentionCache:
         """LongTensor ``[B]``: the slot of token ``pos [B]`` (``pos % S`` in a ring)."""
         return pos % self.size if self.ring else pos
 
-    def write_step(
-        self,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        pos: torch.Tensor,
-        *,
-        slot: torch.Tensor | None = None,
-        rows: torch.Tensor | None = None,
-    ) -> None:
-        """Write one token's ``k, v [B, 1, Hkv, D]`` at position ``pos [B]`` in place (no host sync).
-
-        One indexed copy per tensor (``cache[rows, slot] = k``); ``slot`` (:meth:`slot`) and ``rows``
-        (``arange(B)``) may come precomputed from a :class:`StepContext`.
-        """
-        slot = self.slot(pos) if slot is None else slot
-        rows = torch.arange(k.shape[0], device=k.device) if rows is None else rows
-        self.k[rows, slot] = k[:, 0]
-        self.v[rows, slot] = v[:, 0]
-
 
 @dataclass
 class GDNCache:

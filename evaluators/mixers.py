@@ -14,7 +14,7 @@ GDN and KDA decode through :func:`~placement_search.kernels.gdn_decode_step` /
 (``decode_backend = "auto"``), the torch composition of the same ops on CPU. Set a module's ``decode_backend``
 to ``"torch"``, ``"fla"`` or ``"triton"`` to force a path.
 
-Decode projections go through :func:`~placement_search.kernels.projection` (the skinny Triton kernel on CUDA for a few
+Decode projections go through :mod:`placement_search.kernels.projection` (the skinny Triton kernel on CUDA for a few
 rows, cuBLAS/CPU otherwise). On that path a mixer's input projections are packed into one ``[sum N, d]`` weight on
 the first step (:func:`packed_weight`; the parameters become row views of it, so nothing is copied twice and loading
 into them still works) and read in one launch, and the output projection adds the block's residual in its epilogue
