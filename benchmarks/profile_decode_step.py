@@ -35,7 +35,7 @@ from placement_search.spec import get_spec
 KINDS = (
     ("gemv/gemm", ("gemv", "gemm", "sm90_xmma", "cutlass", "ampere_bf16", "nvjet", "splitk", "skinny_linear")),
     ("attention decode", ("flash", "fmha", "attention", "sdpa", "_decode_split", "_decode_merge", "cudnn")),
-    ("gdn/kda decode", ("gdn_decode", "kda_decode", "conv_state_shift", "fused_recurrent", "delta")),
+    ("gdn/kda decode", ("gdn_state", "gdn_finish", "kda_state", "kda_finish", "fused_recurrent", "delta")),
 )
 
 

@@ -10,7 +10,7 @@ Each mixer has two entry points:
   layers of a step share (RoPE tables, slots, masks); without it the layer builds its own.
 
 GDN and KDA decode through :func:`~placement_search.kernels.gdn_decode_step` /
-:func:`~placement_search.kernels.kda_decode_step`: one fused Triton launch between the projections on CUDA
+:func:`~placement_search.kernels.kda_decode_step`: two fused Triton launches between the projections on CUDA
 (``decode_backend = "auto"``), the torch composition of the same ops on CPU. Set a module's ``decode_backend``
 to ``"torch"``, ``"fla"`` or ``"triton"`` to force a path.
 
