@@ -9,8 +9,8 @@ activations, fp32 states) and each batch B in {1, 16, 64, 256, 1024}, three impl
   (one launch);
 - ``fla_inplace``: the same functions with ``backend="fla"``: torch ops around fla's fused-recurrent kernel, which
   updates the state in place;
-- ``fused_bv16``, ``fused_bv64``, ``fused_bv128``: the fused kernels with 16 / 64 / 128 value columns per state
-  program instead of the default ``BLOCK_V`` (tuning; 128 is one program per head);
+- ``fused_bv<N>`` / ``fused_bv<N>_w<W>``: the fused kernels with N value columns (and W warps) per state program
+  instead of the defaults (tuning; 128 columns is one program per head); ``--variants`` picks any list;
 - ``previous``: the runtime's path before this change: the same torch ops around the public
   ``fused_recurrent_gated_delta_rule`` (fresh fp32 final state, copied back) for GDN, and around
   ``fused_recurrent_kda_fwd(inplace_final_state=True)`` for KDA (unchanged, so KDA's two fla rows coincide).
@@ -44,7 +44,8 @@ from typing import Any
 BATCHES = (1, 16, 64, 256, 1024)
 L2_ROTATE_BYTES = 256 * 2**20  # the input sets of one graph together exceed the L2 cache (50 MB) ~5x
 MAX_SETS = 64
-FUSED_SWEEP = ("fused_bv16", "fused_bv64", "fused_bv128")  # next to the default BLOCK_V (32)
+#: Tile sweep next to the defaults (``BLOCK_V`` columns, 32 below ``SMALL_BATCH`` rows; warps from the tile size).
+FUSED_SWEEP = ("fused_bv32", "fused_bv64", "fused_bv128", "fused_bv32_w2", "fused_bv64_w8", "fused_bv128_w8")
 
 
 def _sizes(tiny: bool) -> dict[str, dict[str, int]]:
@@ -135,9 +136,10 @@ def run_variant(kind: str, variant: str, x: dict[str, Any]) -> Any:
     if kind == "gdn" and variant == "previous":
         return previous_gdn(x)
     fn = K.gdn_decode_step if kind == "gdn" else K.kda_decode_step
-    if variant.startswith("fused"):  # "fused" (default) or "fused_bv<N>" (N value columns per state program)
-        bv = int(variant.removeprefix("fused_bv")) if variant.startswith("fused_bv") else None
-        return fn(**x, norm_eps=1e-5, backend="triton", block_v=bv)
+    if variant.startswith("fused"):  # "fused" (defaults), "fused_bv<N>" (N value columns per state program),
+        # "fused_bv<N>_w<W>" / "fused_w<W>" (and W warps per state program)
+        opts = {p.rstrip("0123456789"): int(p.lstrip("bvw")) for p in variant.split("_")[1:]}
+        return fn(**x, norm_eps=1e-5, backend="triton", block_v=opts.get("bv"), num_warps=opts.get("w"))
     backend = {"fla_inplace": "fla", "previous": "fla", "torch": "torch"}[variant]
     return fn(**x, norm_eps=1e-5, backend=backend)
 
@@ -221,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", default=None, help="comma-separated (default: 1,16,64,256,1024; CPU: 1,3)")
     ap.add_argument("--replays", type=int, default=30)
     ap.add_argument("--out", default="results")
+    ap.add_argument("--variants", default=None, help="comma-separated (default: fused, fla_inplace, previous and "
+                    "the tile sweep; fused_bv<N>[_w<W>] for any tile)")  # fmt: skip
     args = ap.parse_args(argv)
     cpu = args.device == "cpu"
     if cpu:
@@ -233,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     default_batches = [1, 3] if cpu else list(BATCHES)
     batches = [int(b) for b in args.batches.split(",")] if args.batches else default_batches
     variants = ["fused", "torch"] if cpu else ["fused", "fla_inplace", "previous", *FUSED_SWEEP]
+    if args.variants:
+        variants = args.variants.split(",")
     gen = torch.Generator(device=device).manual_seed(0)
     t0 = time.time()
     copy_gbps = None if cpu else copy_bandwidth(device)

@@ -15,12 +15,17 @@ and RMSNorm of ``[B, 5120]`` (one Triton launch against torch's four).
 Every variant runs inside a CUDA graph that steps through enough independent weight copies to exceed the 50 MB
 L2 several times; the time is the median replay over the number of copies. The ``torch`` row is what the runtime
 did before (``F.linear`` and the torch epilogue ops); ``triton`` rows sweep the tile sizes (``BN`` output
-columns per program, ``BK`` per pipeline stage, ``STAGES`` stages, warps); ``best`` is the fastest Triton
-configuration. Every Triton result is compared with the torch result on the same inputs (max |diff| over
-max |ref|; bf16 rounding of the output bounds it by ~2^-8).
+columns per program, ``BK`` per pipeline stage, ``STAGES`` stages, warps) times the split-K factor (``SPLIT`` K
+ranges per column block, reduced in the same launch by the last program to arrive; ``--splits``, where ``0`` is
+:func:`~placement_search.kernels.projection.split_for`'s choice for the GPU's SM count, recorded as the value it
+picked); ``best`` is the fastest Triton configuration (its ``config`` holds ``SPLIT``). Splits that the rounding of
+the K ranges to whole ``BK`` steps would leave empty are skipped (a smaller split does the same work). Every Triton
+result is compared with the torch result on the same inputs (max |diff| over max |ref|; bf16 rounding of the output
+bounds it by ~2^-8).
 
 Usage:
     python benchmarks/bench_projection.py --out results            # H200: table + results/projection_kernels_<gpu>.json
+    python benchmarks/bench_projection.py --shapes o_proj,down --configs 64x256x5x8,32x256x5x4 --splits 1,2,4,6
     python benchmarks/bench_projection.py --device cpu --tiny       # smoke test in Triton's interpreter (CPU)
 """
 
@@ -56,7 +61,22 @@ L2_ROTATE_BYTES = 256 * 2**20
 SMEM_BYTES = 200 * 1024
 
 
-def sweep_configs(tiny: bool) -> list[dict[str, int]]:
+def parse_configs(spec: str) -> list[dict[str, int]]:
+    """``"32x256x4x4,64x256x5x8"`` (``BN x BK x STAGES x warps``, comma-separated) as config dicts."""
+    out = []
+    for item in spec.split(","):
+        parts = item.strip().lower().split("x")
+        if len(parts) != 4 or not all(p.isdigit() for p in parts):
+            raise SystemExit(f"--configs: {item!r} is not BNxBKxSTAGESxWARPS (e.g. 64x256x5x8)")
+        bn, bk, stages, warps = (int(p) for p in parts)
+        out.append({"BN": bn, "BK": bk, "STAGES": stages, "num_warps": warps})
+    return out
+
+
+def sweep_configs(tiny: bool, configs: str | None = None) -> list[dict[str, int]]:
+    """The tile grid (without ``SPLIT``): ``configs`` (``--configs``) when given, else the default grid."""
+    if configs:
+        return parse_configs(configs)
     if tiny:
         return [{"BN": 32, "BK": 128, "STAGES": 2, "num_warps": 4}]
     out = []
@@ -65,6 +85,23 @@ def sweep_configs(tiny: bool) -> list[dict[str, int]]:
             for stages in (3, 5):
                 for warps in (4, 8) if bn * bk >= 16384 else (4,):
                     out.append({"BN": bn, "BK": bk, "STAGES": stages, "num_warps": warps})
+    return out
+
+
+def with_splits(configs: list[dict[str, int]], splits: list[int], n: int, k: int, sms: int) -> list[dict[str, int]]:
+    """Each config times each split (``0``: :func:`split_for`'s pick), skipping splits with an empty K range and
+    repeats (an automatic pick equal to an explicit one)."""
+    from placement_search.kernels.projection import split_for
+
+    out: list[dict[str, int]] = []
+    for cfg in configs:
+        for split in splits:
+            s = split or split_for(n, k, cfg["BN"], sms, bk=cfg["BK"])
+            per = -(-k // s)
+            chunk = -(-per // cfg["BK"]) * cfg["BK"]  # as the kernel splits K
+            c = {**cfg, "SPLIT": s}
+            if (s == 1 or (s - 1) * chunk < k) and c not in out:
+                out.append(c)
     return out
 
 
@@ -81,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--replays", type=int, default=10)
     ap.add_argument("--shapes", default=None, help="comma-separated subset of the shape names' first words")
+    ap.add_argument("--splits", default="1,2,3,4,6,8", help="split-K factors to sweep (0: split_for's pick)")
+    ap.add_argument("--configs", default=None,
+                    help="tile configs to sweep instead of the default grid: BNxBKxSTAGESxWARPS,... (e.g. 64x256x5x8)")
     args = ap.parse_args(argv)
     if args.device == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -99,13 +139,17 @@ def main(argv: list[str] | None = None) -> int:
         keep = set(args.shapes.split(","))
         shapes = {k: v for k, v in shapes.items() if k.split()[0] in keep}
     batches = [int(b) for b in args.batches.split(",")]
+    splits = [int(x) for x in args.splits.split(",")]
+    if any(x < 0 for x in splits):
+        raise SystemExit(f"--splits: factors must be >= 0, got {args.splits}")
+    tiles = sweep_configs(args.tiny, args.configs)
     copy_gbps = copy_bandwidth(device) if device.type == "cuda" else float("nan")  # GB/s
     t_start = time.time()
     meta = {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "command": "python " + shlex.join(sys.argv),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton interpreter)",
-        "copy_gbps": copy_gbps, "dtype": "bfloat16", "replays": args.replays, **versions(),
+        "copy_gbps": copy_gbps, "dtype": "bfloat16", "replays": args.replays, "splits": splits, **versions(),
     }  # fmt: skip
     rows: list[dict[str, Any]] = []
     gpu = meta["gpu"].split()[-1].lower() if device.type == "cuda" else "cpu"
@@ -133,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
 
             refs = [call(i, "torch") for i in range(sets)]
             variants: list[tuple[str, dict[str, int] | None]] = [("torch", None), ("default", None)]
-            variants += [("triton", c) for c in sweep_configs(args.tiny) if smem_fits(c, gated)]
+            sweep = with_splits([c for c in tiles if smem_fits(c, gated)], splits, n, k, L._sm_count(device))
+            variants += [("triton", c) for c in sweep]
             for variant, cfg in variants:
                 backend = "torch" if variant == "torch" else "triton"
                 row: dict[str, Any] = {"shape": name, "N": n, "K": k, "epilogue": epi, "batch": b,
@@ -164,9 +209,11 @@ def main(argv: list[str] | None = None) -> int:
                 dflt = next((x for x in timed if x["variant"] == "default"), None)
                 print(f"{name:32s} B={b:3d} torch {base['us']:8.1f} us {base['fraction_of_copy']:5.1%} | "
                       f"default {dflt['us'] if dflt else float('nan'):8.1f} us | best {best['us']:8.1f} us "
-                      f"{best['fraction_of_copy']:5.1%} {best['config']} err {best['rel_err']:.1e}", flush=True)  # fmt: skip
+                      f"{best['fraction_of_copy']:5.1%} SPLIT {best['config'].get('SPLIT', 1)} {best['config']} "
+                      f"err {best['rel_err']:.1e}", flush=True)  # fmt: skip
             elif device.type != "cuda":
-                print(name, b, [(x["variant"], x.get("rel_err"), x.get("error")) for x in rows[-len(variants):]])
+                print(name, b, [(x["variant"], (x["config"] or {}).get("SPLIT"), x.get("rel_err"), x.get("error"))
+                                for x in rows[-len(variants):]])  # fmt: skip
             write_json_atomic(out_path, {"meta": {**meta, "wall_s": time.time() - t_start}, "rows": rows})
     # RMSNorm over the hidden size
     d = 5120 if not args.tiny else 256

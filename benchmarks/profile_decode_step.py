@@ -9,7 +9,7 @@ GDN/KDA decode, and everything else (norms, RoPE, activations, copies). Next to 
 in the same run.
 
     python benchmarks/profile_decode_step.py --out results/decode_step_profile_h200.json \\
-        --placements all-attention,all-gdn,all-kda --batch 1 --context 32768 [--attention-decode triton]
+        --placements all-attention,all-gdn,all-kda,all-swa,mixed --batch 1,16 --context 32768 [--attention-decode triton]
 
 Writes JSON (machine, versions, command, date, one record per placement) and prints a table.
 """
@@ -64,7 +64,11 @@ def copy_bandwidth(device: torch.device, gib: float = 2.0) -> float:
 
 def profile_one(spec, label: str, context: int, batch: int, device: torch.device) -> dict:
     names = {"all-attention": "attention", "all-swa": "sliding_window", "all-gdn": "gdn", "all-kda": "kda"}
-    placement = [names[label]] * spec.num_layers
+    if label == "mixed":  # A S G K repeated, as the engine-efficiency benchmark's mixed placement
+        order = list(spec.mixer_names)
+        placement = [order[i % len(order)] for i in range(spec.num_layers)]
+    else:
+        placement = [names[label]] * spec.num_layers
     model = Supernet(spec, mixers_for(spec, [placement]), device=device, dtype=torch.bfloat16, seed=0).eval()
     model.set_placement(placement)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -112,9 +116,16 @@ def main() -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--placements", default="all-attention,all-gdn,all-kda,all-swa")
     ap.add_argument("--context", type=int, default=32768)
-    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--batch", default="1", help="batch size, or a comma list (one row per placement and batch)")
     ap.add_argument("--attention-decode", choices=("sdpa", "sdpa_grouped", "triton"), default=None)
+    ap.add_argument("--split", type=int, default=None, help="split-K of every skinny projection (0: split_for)")
+    ap.add_argument("--no-split-k-outputs", action="store_true",
+                    help="unsplit tiles for the output / MLP down projections (projection.SPLIT_K_OUTPUT_PROJECTIONS)")
     args = ap.parse_args()
+    from placement_search.kernels import projection as kp
+
+    kp.SPLIT_OVERRIDE = args.split
+    kp.SPLIT_K_OUTPUT_PROJECTIONS = not args.no_split_k_outputs
     if args.attention_decode:
         from placement_search.kernels import backend as kb
 
@@ -125,18 +136,18 @@ def main() -> int:
     record = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "command": " ".join(sys.argv),
               "device": torch.cuda.get_device_name(device), "python": platform.python_version(),
               "torch": torch.__version__, "copy_bandwidth_gbs": round(bw / 1e9, 1),
-              "attention_decode": args.attention_decode or "auto (sdpa)", "rows": []}  # fmt: skip
+              "attention_decode": args.attention_decode or "auto (sdpa)", "split": args.split, "split_k_outputs": not args.no_split_k_outputs, "rows": []}  # fmt: skip
     print(f"copy bandwidth {bw / 1e9:.0f} GB/s", flush=True)
-    for label in args.placements.split(","):
+    for label, batch in [(p, int(b)) for p in args.placements.split(",") for b in args.batch.split(",")]:
         try:
-            row = profile_one(spec, label, args.context, args.batch, device)
+            row = profile_one(spec, label, args.context, batch, device)
         except Exception as e:  # one failing placement does not lose the others
-            row = {"placement": label, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+            row = {"placement": label, "batch": batch, "error": f"{type(e).__name__}: {str(e)[:300]}"}
         if "weight_bytes" in row:
             row["weight_read_ms"] = round(row["weight_bytes"] / bw * 1000, 4)  # at the copy rate (bytes read + written / s)
         record["rows"].append(row)
         write_json_atomic(Path(args.out), record)
-        print(row.get("placement"), {k: row.get(k) for k in ("graph_step_ms", "weight_read_ms", "eager_kernel_ms",
+        print(row.get("placement"), row.get("batch"), {k: row.get(k) for k in ("graph_step_ms", "weight_read_ms", "eager_kernel_ms",
                                                             "kernels_per_step", "by_kind_ms", "error")}, flush=True)  # fmt: skip
     return 0
 

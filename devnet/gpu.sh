@@ -23,6 +23,8 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --tar
 # the repo's layout installs kernels/, evaluators/, surrogate/, devnet/ under placement_search: mirror it without a build
 rm -rf /tmp/ps && mkdir -p /tmp/ps/placement_search && cp -r placement_search/. /tmp/ps/placement_search/ || exit 3
 for d in kernels evaluators surrogate devnet; do cp -r "$d" /tmp/ps/placement_search/ || exit 3; done
+# the shipped cost tables where the package looks for them (the CLI's predictions: `throughput` without --measure)
+mkdir -p /tmp/ps/results && cp -r results/cost_tables /tmp/ps/results/ || exit 3
 # PYTHONSAFEPATH: `python -m` would otherwise put the repo root (whose placement_search/ lacks the subpackages) first
 export PYTHONPATH=/tmp/ps:/tmp/site PYTHONSAFEPATH=1
 OUT=${OUT:?OUT is set on the device machine}

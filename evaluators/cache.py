@@ -95,6 +95,7 @@ class StepContext:
         self._rope: dict[tuple[int, float, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
         self._slot: dict[tuple[int, bool], torch.Tensor] = {}
         self._valid: dict[int, torch.Tensor] = {}
+        self._bias: dict[tuple[int, torch.dtype], torch.Tensor] = {}
 
     @property
     def rows(self) -> torch.Tensor:
@@ -122,6 +123,13 @@ class StepContext:
         if cache.size not in self._valid:
             self._valid[cache.size] = cache.valid(self.pos)
         return self._valid[cache.size]
+
+    def bias(self, cache: AttentionCache, dtype: torch.dtype) -> torch.Tensor:
+        """The additive form ``[B, 1, 1, S]`` of :meth:`valid` (:func:`~placement_search.kernels.decode_bias`)."""
+        key = (cache.size, dtype)
+        if key not in self._bias:
+            self._bias[key] = K.decode_bias(self.valid(cache), dtype)
+        return self._bias[key]
 
 
 def layer_cache(

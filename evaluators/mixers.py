@@ -190,7 +190,7 @@ class Attention(nn.Module):
             q.view(b, s.heads, s.head_size), k.view(b, s.head_groups, s.head_size),
             v.view(b, s.head_groups, s.head_size), cos, sin_signed, cache.k, cache.v, ctx.slot(cache), ctx.rows,
         )  # fmt: skip
-        o = K.attention_decode(q, cache.k, cache.v, ctx.valid(cache), scale=self.scale)
+        o = K.attention_decode(q, cache.k, cache.v, ctx.valid(cache), scale=self.scale, bias=ctx.bias(cache, q.dtype))
         return _out_proj(self.o_proj, o.reshape(b, -1), residual)
 
 

@@ -7,7 +7,7 @@ tensors by the tests in Triton's interpreter). Layout is ``[B, T, H, D]`` throug
 ``[B, H, DK, DV]``. fla is optional and only imported for CUDA tensors (see :mod:`.backend`).
 """
 
-from .attention import attention, attention_decode, causal_window_mask
+from .attention import attention, attention_decode, causal_window_mask, decode_bias
 from .backend import fla_available
 from .conv import causal_conv1d, causal_conv1d_update
 from .delta_rule import (
@@ -37,6 +37,7 @@ __all__ = [
     "causal_conv1d_update",
     "causal_window_mask",
     "chunk_delta_rule",
+    "decode_bias",
     "delta_rule_step_torch",
     "fla_available",
     "gated_delta_rule",

@@ -17,6 +17,31 @@ Rounding follows the torch composition: each projection is rounded to the activa
 product and the residual add are each rounded again (``_rnd``), so results differ from cuBLAS only by the
 fp32 summation order.
 
+Split-K (``SPLIT > 1``; ``SPLIT = 1`` compiles the plain kernel above, unchanged). One program per column block is
+too few programs for a skinny weight: the o_proj / MLP down weights ``[5120, 4096 / 14336]`` at ``BN = 64`` are 80
+programs on the H200's 132 SMs, and 320 GDN in_proj blocks of 32 are 2.4 waves whose last is 40% full, so part of
+the machine idles while the weight streams (63-85% of copy bandwidth for those shapes, against 103% for the LM
+head's 2048 blocks). The grid becomes ``(cdiv(N, BN), SPLIT)``: program ``(pid_n, pid_k)`` accumulates the
+``pid_k``-th K range, ranges of ``cdiv(cdiv(K, SPLIT), BK) * BK`` (whole ``BK`` steps, so ``EVEN_K`` still holds
+for each; the masks use the range's end; trailing ranges may be short or empty). The reduction is a serial fixup
+with a semaphore, as CUTLASS's split-K "serial" mode and stream-K do, in the same launch:
+
+- each program stores its fp32 partial(s) (``acc``, and ``acc2`` when ``GATED``; rows ``< M``) into the workspace
+  ``ws[pid_k, pid_n]`` (fp32 ``[SPLIT, cdiv(N, BN), 1 or 2, M, BN]``, ``torch.empty`` per call: from the graph's
+  pool under CUDA-graph capture), then a CTA barrier and ``atomic_add(lock[pid_n], 1)`` (acq_rel, gpu scope);
+- the program that reads ``SPLIT - 1`` back arrived last: it reads the ``SPLIT`` partials (``.cg``: from L2,
+  past the SM's L1) and sums them in the fixed order ``0 .. SPLIT-1`` in fp32, so the result does not depend
+  on which program came last (deterministic, run to run and replay to replay; it differs from ``SPLIT = 1``
+  by the fp32 summation order only), runs the same epilogue as ``SPLIT = 1`` and stores the output, then resets
+  ``lock[pid_n]`` to 0 (``atomic_xchg``) so the next launch, or CUDA-graph replay, finds zeros.
+
+No program waits for another (the others just exit), so there is no deadlock whatever the scheduling. The lock
+buffer (int32 zeros, one per column block) persists per device in :mod:`.projection`; launches on one stream are
+serialized, so one buffer serves them all. The extra traffic, ``SPLIT * M * N * 4`` bytes of fp32 partials written
+and read back (twice that when ``GATED``; mostly L2 hits), is small against the ``N * K * 2`` bytes of weight.
+Checked on the H200 (Triton 3.6): the PTX is the partial stores, ``bar.sync``, one thread's
+``atom.global.gpu.acq_rel.add`` broadcast through shared memory behind another ``bar.sync``, then ``ld.global.cg``.
+
 ``rms_norm_kernel``: one program per row; fp32 statistics, the normalised row rounded to the input dtype,
 then multiplied by the weight (rounded again), as :func:`.norm.rms_norm` does.
 """
@@ -30,6 +55,26 @@ from ._fused_decode_triton import _rnd
 
 
 @triton.jit
+def _skinny_epilogue(
+    acc, acc2, b_ptr, r_ptr, s_rm, o_ptr, s_om, rm, rn, mm, nm,
+    DTYPE: tl.constexpr, GATED: tl.constexpr, RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+):  # fmt: skip
+    """Bias, rounding, gating and residual on the fp32 product(s) ``acc`` (``acc2``: GATED's second), then the store
+    of ``o[rm, rn]`` (the same code for ``SPLIT = 1`` and the split-K fixup)."""
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn, mask=nm, other=0.0).to(tl.float32)[None, :]
+    y = _rnd(acc, DTYPE)
+    if GATED:
+        y = _rnd(y * tl.sigmoid(y), DTYPE)
+        y = _rnd(y * _rnd(acc2, DTYPE), DTYPE)
+    omask = mm[:, None] & nm[None, :]
+    if RESIDUAL:
+        r = tl.load(r_ptr + rm[:, None] * s_rm + rn[None, :], mask=omask, other=0.0).to(tl.float32)
+        y = _rnd(r + y, DTYPE)
+    tl.store(o_ptr + rm[:, None] * s_om + rn[None, :], y.to(DTYPE), mask=omask)
+
+
+@triton.jit
 def skinny_linear_kernel(
     x_ptr, s_xm,  # [M, K] activation, row stride (unit column stride)
     w_ptr, s_wn,  # [N, K] weight, row stride (unit column stride)
@@ -37,12 +82,15 @@ def skinny_linear_kernel(
     b_ptr,  # [N] bias (HAS_BIAS only; added before the rounding, as cuBLAS's epilogue does)
     r_ptr, s_rm,  # [M, N] residual (RESIDUAL only)
     o_ptr, s_om,  # [M, N] output
+    ws_ptr,  # fp32 [SPLIT, cdiv(N, BN), 2 if GATED else 1, M, BN] partial products (SPLIT > 1 only)
+    lock_ptr,  # int32 [>= cdiv(N, BN)] arrival counters, zero between launches (SPLIT > 1 only)
     M, N, K,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr, SPLIT: tl.constexpr,
     GATED: tl.constexpr, RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
     UPCAST: tl.constexpr,  # True only in the interpreter, whose tl.dot mishandles bf16 operands
 ):  # fmt: skip
-    """``o[:, n0:n0+BN] = epilogue(x @ W[n0:n0+BN].T)`` for ``n0 = program_id(0) * BN``."""
+    """``o[:, n0:n0+BN] = epilogue(x @ W[n0:n0+BN].T)`` for ``n0 = program_id(0) * BN``; with ``SPLIT > 1``,
+    program ``(pid_n, pid_k)`` sums the ``pid_k``-th of ``SPLIT`` K ranges and the last to arrive reduces."""
     DTYPE: tl.constexpr = o_ptr.dtype.element_ty
     pid = tl.program_id(0)
     rm = tl.arange(0, BM)
@@ -56,12 +104,28 @@ def skinny_linear_kernel(
     if GATED:
         w2_ptrs = w2_ptr + rn.to(tl.int64)[:, None] * s_w2n + rk[None, :]
         acc2 = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in tl.range(0, K, BK, num_stages=STAGES):
+    else:
+        acc2 = acc  # unused
+    if SPLIT == 1:
+        k_lo = 0
+        k_hi = K
+    else:
+        # K range [k_lo, k_hi) of this split: chunks of whole BK steps, so every range but the one ending at K is
+        # a multiple of BK long and EVEN_K (K % BK == 0) still means no masks; trailing ranges may be empty.
+        pid_k = tl.program_id(1)
+        chunk = tl.cdiv(tl.cdiv(K, SPLIT), BK) * BK
+        k_lo = pid_k * chunk
+        k_hi = tl.minimum(K, k_lo + chunk)
+        x_ptrs += k_lo
+        w_ptrs += k_lo
+        if GATED:
+            w2_ptrs += k_lo
+    for k0 in tl.range(k_lo, k_hi, BK, num_stages=STAGES):
         if EVEN_K:
             x = tl.load(x_ptrs, mask=mm[:, None], other=0.0)
             w = tl.load(w_ptrs, mask=nm[:, None], other=0.0)
         else:
-            km = (k0 + rk) < K
+            km = (k0 + rk) < k_hi
             x = tl.load(x_ptrs, mask=mm[:, None] & km[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=nm[:, None] & km[None, :], other=0.0)
         if UPCAST:
@@ -79,17 +143,43 @@ def skinny_linear_kernel(
             w2_ptrs += BK
         x_ptrs += BK
         w_ptrs += BK
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + rn, mask=nm, other=0.0).to(tl.float32)[None, :]
-    y = _rnd(acc, DTYPE)
-    if GATED:
-        y = _rnd(y * tl.sigmoid(y), DTYPE)
-        y = _rnd(y * _rnd(acc2, DTYPE), DTYPE)
-    omask = mm[:, None] & nm[None, :]
-    if RESIDUAL:
-        r = tl.load(r_ptr + rm[:, None] * s_rm + rn[None, :], mask=omask, other=0.0).to(tl.float32)
-        y = _rnd(r + y, DTYPE)
-    tl.store(o_ptr + rm[:, None] * s_om + rn[None, :], y.to(DTYPE), mask=omask)
+    if SPLIT == 1:
+        _skinny_epilogue(
+            acc, acc2, b_ptr, r_ptr, s_rm, o_ptr, s_om, rm, rn, mm, nm, DTYPE, GATED, RESIDUAL, HAS_BIAS
+        )
+    else:
+        # Serial split-K fixup: publish the partial tile(s) (rows < M only), count arrivals per column block; the
+        # last program to arrive sums the SPLIT partials in the fixed order 0..SPLIT-1 (deterministic whichever
+        # program is last), runs the epilogue and re-arms the counter for the next launch / graph replay.
+        NACC: tl.constexpr = 2 if GATED else 1
+        tile = M * BN  # elements of one [M, BN] partial
+        wmask = mm[:, None]
+        ws_tile = ws_ptr + rm[:, None] * BN + tl.arange(0, BN)[None, :]
+        own = ws_tile + (pid_k * tl.num_programs(0) + pid).to(tl.int64) * (NACC * tile)
+        tl.store(own, acc, mask=wmask)
+        if GATED:
+            tl.store(own + tile, acc2, mask=wmask)
+        # Every thread's partial stores precede the (single-thread) release below: bar.sync, then the gpu-scope
+        # acq_rel atomic (CUTLASS's semaphore pattern: __syncthreads(); thread 0: fence + atomic).
+        tl.debug_barrier()
+        cnt = tl.atomic_add(lock_ptr + pid, 1, sem="acq_rel", scope="gpu")
+        if cnt == SPLIT - 1:
+            tl.debug_barrier()  # the acquire (one thread) before any thread reads the other programs' partials
+            first = ws_tile + pid.to(tl.int64) * (NACC * tile)
+            step = tl.num_programs(0).to(tl.int64) * (NACC * tile)  # from one split's partials to the next
+            tot = tl.load(first, mask=wmask, other=0.0, cache_modifier=".cg")
+            for i in tl.static_range(1, SPLIT):
+                tot += tl.load(first + i * step, mask=wmask, other=0.0, cache_modifier=".cg")
+            tot2 = tot
+            if GATED:
+                tot2 = tl.load(first + tile, mask=wmask, other=0.0, cache_modifier=".cg")
+                for i in tl.static_range(1, SPLIT):
+                    tot2 += tl.load(first + i * step + tile, mask=wmask, other=0.0, cache_modifier=".cg")
+            _skinny_epilogue(
+                tot, tot2, b_ptr, r_ptr, s_rm, o_ptr, s_om, rm, rn, mm, nm, DTYPE, GATED, RESIDUAL, HAS_BIAS
+            )
+            # All SPLIT programs have arrived: re-armed for the next launch on the stream (or graph replay).
+            tl.atomic_xchg(lock_ptr + pid, 0)
 
 
 @triton.jit

@@ -195,6 +195,7 @@ def attention_decode(
     *,
     scale: float,
     backend: str = "auto",
+    bias: Tensor | None = None,
 ) -> Tensor:
     """One query per sequence over a static-size KV cache.
 
@@ -213,6 +214,9 @@ def attention_decode(
             G query heads of a KV head as G query rows; exact as well, speed differs by size, see
             benchmarks/check_gpu_kernels.py), ``"triton"`` (split-K Triton kernel, :func:`triton_decode_splits`;
             not the default until measured on the GPU).
+        bias: optional additive mask ``[B, 1, 1, S]`` in ``q.dtype``, 0 where ``valid`` and ``-inf`` elsewhere
+            (:func:`decode_bias`); the SDPA backends take it as it is instead of converting the boolean mask at
+            every call (one conversion per step instead of one per layer); the others use ``valid``.
 
     Returns:
         ``[B, 1, H, D]`` in q.dtype.
@@ -222,6 +226,8 @@ def attention_decode(
         raise ValueError(f"attention_decode takes one query per sequence, got q {tuple(q.shape)}")
     mask = valid[:, None, None, :].to(torch.bool)  # [B, 1, 1, S]
     resolved = resolve_decode_backend(backend, q.device)
+    if bias is not None and resolved in ("sdpa", "sdpa_grouped"):
+        mask = bias
     if resolved == "reference":
         return _reference_attention(q, k_cache, v_cache, mask, scale)
     if resolved == "sdpa_grouped":
@@ -229,6 +235,14 @@ def attention_decode(
     if resolved == "triton":
         return _triton_decode(q, k_cache, v_cache, valid, scale=scale)
     return _sdpa(q, k_cache, v_cache, scale=scale, is_causal=False, attn_mask=mask)
+
+
+def decode_bias(valid: Tensor, dtype: torch.dtype) -> Tensor:
+    """The additive form ``[B, 1, 1, S]`` of a decode validity mask ``valid [B, S]``: 0 where True, ``-inf`` where
+    False (what SDPA makes of a boolean mask: one ``where`` per call, which :func:`attention_decode`'s ``bias`` saves
+    when all layers of a step share one)."""
+    zero = torch.zeros((), dtype=dtype, device=valid.device)
+    return torch.where(valid[:, None, None, :], zero, torch.full((), float("-inf"), dtype=dtype, device=valid.device))
 
 
 #: Keys per inner step of the Triton decode kernel; programs per SM the split count aims for.

@@ -244,6 +244,22 @@ def test_decode_ragged_valid_per_batch_row() -> None:
         torch.testing.assert_close(o[b : b + 1], ref, rtol=0, atol=TOL64)
 
 
+def test_decode_additive_bias_equals_boolean_mask() -> None:
+    """``bias=decode_bias(valid)`` (one conversion per step) gives SDPA's result with the boolean mask, and the
+    backends that do not take it ignore it."""
+    B, S, H, Hkv, D = 3, 9, 4, 2, 8
+    q, k, v = _qkv(B, S, H, Hkv, D, seed=9)
+    valid = torch.arange(S)[None] < torch.tensor([9, 4, 1])[:, None]
+    valid[0, 2] = False  # a hole, as in the ring buffer
+    bias = K.decode_bias(valid, q.dtype)
+    assert bias.shape == (B, 1, 1, S) and bias.dtype == q.dtype
+    assert torch.equal(bias[:, 0, 0] == 0, valid) and torch.isinf(bias[~valid[:, None, None, :]]).all()
+    for backend in ("sdpa", "sdpa_grouped", "reference"):
+        with_bias = K.attention_decode(q[:, -1:], k, v, valid, scale=0.3, backend=backend, bias=bias)
+        without = K.attention_decode(q[:, -1:], k, v, valid, scale=0.3, backend=backend)
+        torch.testing.assert_close(with_bias, without, rtol=0, atol=TOL64)
+
+
 def test_swa_ring_buffer_decode_equals_windowed_attention() -> None:
     B, T, H, Hkv, D, W, t0 = 2, 15, 4, 2, 8, 4, 6
     q, k, v = _qkv(B, T, H, Hkv, D, seed=9)

@@ -5,6 +5,11 @@ The kernels run on CPU tensors in Triton's interpreter (``TRITON_INTERPRET=1`` m
 imported, hence the subprocess). Inputs are fresh random tensors each run (the seed is reported). Tolerance: the
 largest difference relative to the largest output, 1e-6 in fp32 (summation order only) and 2^-7 in bf16 (one unit
 in the last place of the rounded output; in the interpreter both sides sum in fp32 and usually agree exactly).
+
+Split-K (``SPLIT > 1``) cases cover each epilogue, K not a multiple of ``BK``, splits left partial or empty by the
+rounding of the K ranges to whole ``BK`` steps, 1 and 16 rows, fp32 and bf16; a repeated call checks that the
+arrival counters are re-armed (the interpreter runs the programs one after another, so the last to arrive is
+always ``pid_k = SPLIT - 1``: the memory ordering of the fixup on a GPU is not exercised here).
 On the H200 the same comparison is in ``results/projection_kernels_h200.json`` (``benchmarks/bench_projection.py``).
 """
 
@@ -24,13 +29,30 @@ CASES = {
     "m3-residual-bias": (3, 50, 128, "float32", "residual+bias", True, None),
     "m2-gated": (2, 72, 256, "bfloat16", "gated", False, {"BN": 32, "BK": 128, "STAGES": 2, "num_warps": 4}),
     "m16-gated-odd": (16, 33, 200, "float32", "gated", True, {"BN": 16, "BK": 64, "STAGES": 2, "num_warps": 4}),
+    # split-K; the K range of each split (chunks of whole BK steps, the last ending at K) in the comments
+    # 256, 256
+    "s2-m1-plain": (1, 64, 512, "float32", "plain", False, {"BN": 32, "BK": 128, "STAGES": 2, "SPLIT": 2}),
+    # 128, 128, 44
+    "s3-m16-bias-odd-k": (16, 40, 300, "bfloat16", "bias", True, {"BN": 16, "BK": 64, "STAGES": 2, "SPLIT": 3}),
+    # 128, 128, 0, 0
+    "s4-m5-residual-empty": (5, 48, 256, "float32", "residual", False, {"BN": 16, "BK": 128, "STAGES": 2, "SPLIT": 4}),
+    # 128, 128
+    "s2-m16-gated": (16, 72, 256, "bfloat16", "gated", False, {"BN": 32, "BK": 64, "STAGES": 3, "SPLIT": 2}),
+    # 128, 72, 0
+    "s3-m1-gated-odd": (1, 33, 200, "float32", "gated", True, {"BN": 16, "BK": 64, "STAGES": 2, "SPLIT": 3}),
+    # 192, 192, 136, 0
+    "s4-m3-residual-bias": (3, 50, 520, "bfloat16", "residual+bias", False, {"BN": 16, "BK": 64, "STAGES": 3, "SPLIT": 4}),
+    "s1-explicit": (2, 40, 192, "float32", "plain", False, {"BN": 16, "BK": 64, "STAGES": 2, "SPLIT": 1}),
 }
+#: the repeated split-K call (same shape, config and counters twice): equal results, counters back at zero
+REPEAT = (4, 48, 384, "bfloat16", {"BN": 16, "BK": 64, "STAGES": 2, "num_warps": 4, "SPLIT": 3})
 
 
 def _run_all(seed: int) -> dict[str, dict[str, float]]:
     import torch
     import torch.nn.functional as F
 
+    from placement_search.kernels import projection as P
     from placement_search.kernels.norm import rms_norm
     from placement_search.kernels.projection import gated_linear, linear
 
@@ -54,6 +76,24 @@ def _run_all(seed: int) -> dict[str, dict[str, float]]:
             "rel": float((y1.double() - y0.double()).abs().max() / y0.double().abs().max()),
             "kept": float(y1.dtype == dtype and y1.shape == (M, N)),
         }
+    M, N, K, dt, cfg = REPEAT
+    dtype = getattr(torch, dt)
+    x = torch.randn(M, K, generator=g).to(dtype)
+    w = (torch.randn(N, K, generator=g) / K**0.5).to(dtype)
+    r = torch.randn(M, N, generator=g).to(dtype)
+    y0 = linear(x, w, residual=r, backend="torch")
+    y1 = linear(x, w, residual=r, backend="triton", config=cfg)
+    locks = P._split_locks(x.device, 1)
+    y2 = linear(x, w, residual=r, backend="triton", config=cfg)
+    out["split-repeat"] = {
+        "rel": float((y2.double() - y0.double()).abs().max() / y0.double().abs().max()),
+        "kept": float(
+            torch.equal(y1, y2)
+            and P._split_locks(x.device, 1) is locks
+            and len(P._SPLIT_LOCKS[x.device]) == 1
+            and not bool(locks.any())
+        ),
+    }
     for dt in ("float32", "bfloat16"):
         dtype = getattr(torch, dt)
         x = (3 * torch.randn(2, 5, 300, generator=g)).to(dtype)  # 10 rows, D not a power of two
@@ -73,13 +113,30 @@ def interpreted(triton_interpreter) -> dict[str, dict[str, float]]:
     return triton_interpreter(__file__)
 
 
-@pytest.mark.parametrize("case", [*CASES, "rms_norm-float32", "rms_norm-bfloat16"])
+@pytest.mark.parametrize("case", [*CASES, "split-repeat", "rms_norm-float32", "rms_norm-bfloat16"])
 def test_triton_linear_matches_torch(interpreted: dict, case: str) -> None:
     r = interpreted[case]
-    dt = CASES[case][3] if case in CASES else case.split("-")[1]
+    dt = CASES[case][3] if case in CASES else REPEAT[3] if case == "split-repeat" else case.split("-")[1]
     tol = 1e-6 if dt == "float32" else 2.0**-7
     assert r["rel"] <= tol, (interpreted["seed"], case, r)
     assert r["kept"] == 1.0, (case, r)
+
+
+def test_split_for_fills_waves() -> None:
+    """The automatic split-K factor at the 15B shapes on the H200's 132 SMs, and its limits."""
+    from placement_search.kernels.projection import skinny_config, split_for
+
+    assert split_for(5120, 4096, 64, bk=256) == 4  # o_proj: 80 blocks -> 320 programs
+    assert split_for(5120, 14336, 64, bk=256) == 6  # MLP down: 480 programs, 3.6 waves (91%)
+    assert split_for(10240, 5120, 32, bk=128) == 2  # GDN in_proj: 320 blocks fill 81% of 3 waves -> 640 (97%)
+    assert split_for(131072, 5120, 64, bk=256) == 1  # LM head: 2048 blocks already fill 97%
+    assert split_for(128, 5120, 64) == 5  # tiny N: as many splits as keep >= 1024 of K each
+    assert split_for(4096, 1000, 32) == 1  # K too short to split
+    assert split_for(64, 4096, 16, sms=4) == 2  # 4 blocks -> 8 programs: two whole waves of 4
+    assert split_for(64, 2048, 16, sms=5, min_k=512) == 3  # 12 programs: the first count of two waves of 5
+    assert split_for(64, 2048, 16, sms=5, bk=1024, min_k=512) == 2  # 3 or 4 splits of 1024 leave one empty
+    for n, k, gated in ((14336, 5120, True), (131072, 5120, False), (5120, 4096, False), (6144, 5120, False)):
+        assert skinny_config(n, k, gated)["SPLIT"] == 1  # defaults until the H200 sweep picks splits
 
 
 def test_linear_backend_resolution() -> None:
@@ -103,6 +160,8 @@ def test_linear_backend_resolution() -> None:
     try:
         with pytest.raises(ValueError, match=f"at most {SKINNY_MAX_ROWS} rows"):
             linear(big, w, backend="triton")
+        with pytest.raises(ValueError, match="SPLIT must be >= 0"):
+            linear(x, w, backend="triton", config={"BN": 16, "BK": 64, "STAGES": 2, "SPLIT": -1})
     finally:
         if old is None:
             del os.environ["TRITON_INTERPRET"]
