@@ -10,7 +10,8 @@ activations, fp32 states) and each batch B in {1, 16, 64, 256, 1024}, three impl
 - ``fla_inplace``: the same functions with ``backend="fla"``: torch ops around fla's fused-recurrent kernel, which
   updates the state in place;
 - ``fused_bv<N>`` / ``fused_bv<N>_w<W>``: the fused kernels with N value columns (and W warps) per state program
-  instead of the defaults (tuning; 128 columns is one program per head); ``--variants`` picks any list;
+  instead of the defaults (tuning; 128 columns is one program per head); a ``_cs`` suffix adds streaming cache
+  hints on the state (``fused_decode.STATE_STREAM_HINTS``); ``--variants`` picks any list;
 - ``previous``: the runtime's path before this change: the same torch ops around the public
   ``fused_recurrent_gated_delta_rule`` (fresh fp32 final state, copied back) for GDN, and around
   ``fused_recurrent_kda_fwd(inplace_final_state=True)`` for KDA (unchanged, so KDA's two fla rows coincide).
@@ -137,9 +138,17 @@ def run_variant(kind: str, variant: str, x: dict[str, Any]) -> Any:
         return previous_gdn(x)
     fn = K.gdn_decode_step if kind == "gdn" else K.kda_decode_step
     if variant.startswith("fused"):  # "fused" (defaults), "fused_bv<N>" (N value columns per state program),
-        # "fused_bv<N>_w<W>" / "fused_w<W>" (and W warps per state program)
-        opts = {p.rstrip("0123456789"): int(p.lstrip("bvw")) for p in variant.split("_")[1:]}
-        return fn(**x, norm_eps=1e-5, backend="triton", block_v=opts.get("bv"), num_warps=opts.get("w"))
+        # "fused_bv<N>_w<W>" / "fused_w<W>" (and W warps per state program), "..._cs" (streaming cache hints on
+        # the state: fused_decode.STATE_STREAM_HINTS)
+        from placement_search.kernels import fused_decode as fd
+
+        parts = variant.split("_")[1:]
+        opts = {p.rstrip("0123456789"): int(p.lstrip("bvw")) for p in parts if p != "cs"}
+        before, fd.STATE_STREAM_HINTS = fd.STATE_STREAM_HINTS, "cs" in parts
+        try:
+            return fn(**x, norm_eps=1e-5, backend="triton", block_v=opts.get("bv"), num_warps=opts.get("w"))
+        finally:
+            fd.STATE_STREAM_HINTS = before
     backend = {"fla_inplace": "fla", "previous": "fla", "torch": "torch"}[variant]
     return fn(**x, norm_eps=1e-5, backend=backend)
 

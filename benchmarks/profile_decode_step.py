@@ -111,12 +111,18 @@ def profile_one(spec, label: str, context: int, batch: int, device: torch.device
     }  # fmt: skip
 
 
+def add_step_args(ap: argparse.ArgumentParser, placements: str, batch: str) -> None:
+    """The options every whole-step benchmark takes: output file, placements, context and batch sizes."""
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--placements", default=placements, help="comma list of all-attention, all-swa, all-gdn, "
+                    "all-kda and mixed")  # fmt: skip
+    ap.add_argument("--context", type=int, default=32768)
+    ap.add_argument("--batch", default=batch, help="batch size, or a comma list (one row per placement and batch)")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--placements", default="all-attention,all-gdn,all-kda,all-swa")
-    ap.add_argument("--context", type=int, default=32768)
-    ap.add_argument("--batch", default="1", help="batch size, or a comma list (one row per placement and batch)")
+    add_step_args(ap, "all-attention,all-gdn,all-kda,all-swa", "1")
     ap.add_argument("--attention-decode", choices=("sdpa", "sdpa_grouped", "triton"), default=None)
     ap.add_argument("--split", type=int, default=None, help="split-K of every skinny projection (0: split_for)")
     ap.add_argument("--no-split-k-outputs", action="store_true",

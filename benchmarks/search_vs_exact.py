@@ -157,7 +157,7 @@ def main() -> int:
         "sampler": "nsga2 (population 100)",
         "before": "NSGA-II seeded with all-X only, no polish",
         "after": "NSGA-II seeded with all-X + structured family, 80% of trials; local-search polish, repeated from "
-                 "the converged front while it gains; polished placements told as trials within the same budget",
+                 "the converged front with fresh kicks until two repeats in a row add nothing; polished placements told as trials within the same budget",
         "hypervolume_reference": "min quality of the all-X placements, throughput 0",
         "rows": rows,
     })

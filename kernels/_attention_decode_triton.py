@@ -21,6 +21,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ._pdl_triton import pdl_enter
+
 
 @triton.jit
 def _decode_split_kernel(
@@ -30,7 +32,9 @@ def _decode_split_kernel(
     scale,
     HKV: tl.constexpr, NSPLIT: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
     BLOCK_S: tl.constexpr, IEEE: tl.constexpr,
+    PDL: tl.constexpr = 0,  # programmatic dependent launch mode (backend.pdl_launch, _pdl_triton.pdl_enter)
 ):  # fmt: skip
+    pdl_enter(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     sp = tl.program_id(2)
@@ -74,7 +78,9 @@ def _decode_split_kernel(
 def _decode_merge_kernel(
     m_ptr, l_ptr, acc_ptr, out_ptr, so_b, so_h,
     HKV: tl.constexpr, NSPLIT: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+    PDL: tl.constexpr = 0,
 ):  # fmt: skip
+    pdl_enter(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     g = tl.arange(0, GP)

@@ -24,6 +24,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ._pdl_triton import pdl_enter
+
 
 @triton.jit
 def _rnd(x, DTYPE: tl.constexpr):  # (triton jit helper)
@@ -131,13 +133,20 @@ def _delta_rule_head(
     v,  # [BV]
     decay,  # scalar or [BK, 1]
     beta,
+    STREAM: tl.constexpr = False,  # the state read and written with streaming cache hints (evict-first, .cs)
 ):
     """One delta-rule step of one head, state updated in place; returns ``o = S^T q`` [BV] fp32."""
-    S = tl.load(s_ptrs, mask=s_mask, other=0.0) * decay
+    if STREAM:
+        S = tl.load(s_ptrs, mask=s_mask, other=0.0, eviction_policy="evict_first") * decay
+    else:
+        S = tl.load(s_ptrs, mask=s_mask, other=0.0) * decay
     kv = tl.sum(S * k[:, None], axis=0)
     delta = beta * (v - kv)
     S = S + k[:, None] * delta[None, :]
-    tl.store(s_ptrs, S, mask=s_mask)
+    if STREAM:
+        tl.store(s_ptrs, S, mask=s_mask, cache_modifier=".cs")
+    else:
+        tl.store(s_ptrs, S, mask=s_mask)
     return tl.sum(S * q[:, None], axis=0)
 
 
@@ -170,6 +179,8 @@ def gdn_state_kernel(
     scale,
     HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, KW: tl.constexpr, KWP: tl.constexpr, L2_EPS: tl.constexpr,
+    PDL: tl.constexpr = 0,  # programmatic dependent launch mode (backend.pdl_launch, _pdl_triton.pdl_enter)
+    STREAM: tl.constexpr = False,  # streaming cache hints on the state (fused_decode.STATE_STREAM_HINTS)
 ):  # fmt: skip
     """The delta-rule step of batch row ``program_id(0)``, value head ``program_id(1)``, value columns
     ``program_id(2) * BV ..`` (a ``[DK, BV]`` tile of the state).
@@ -179,6 +190,7 @@ def gdn_state_kernel(
     its block of v channels, which it shifts here.
     """
     DTYPE: tl.constexpr = o_ptr.dtype.element_ty
+    pdl_enter(PDL)
     i_b = tl.program_id(0).to(tl.int64)
     hv = tl.program_id(1)
     v0 = tl.program_id(2) * BV
@@ -202,7 +214,7 @@ def gdn_state_kernel(
     rv = tl.arange(0, BV)
     vm = rv < nv
     s_ptrs = state_ptr + ((i_b * HV + hv) * DK + rk[:, None]) * DV + v0 + rv[None, :]
-    o = _delta_rule_head(s_ptrs, (rk[:, None] < DK) & vm[None, :], q, k, v, tl.exp(g), beta)
+    o = _delta_rule_head(s_ptrs, (rk[:, None] < DK) & vm[None, :], q, k, v, tl.exp(g), beta, STREAM)
     tl.store(o_ptr + i_b * s_o + hv * DV + v0 + rv, _rnd(o, DTYPE).to(DTYPE), mask=vm)
 
 
@@ -217,10 +229,12 @@ def gdn_finish_kernel(
     QK_PER: tl.constexpr,  # q/k conv channels shifted per program (2*HK*DK / HV, rounded up)
     HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BV: tl.constexpr, BQ: tl.constexpr, KW: tl.constexpr, KWP: tl.constexpr, NORM_EPS: tl.constexpr,
+    PDL: tl.constexpr = 0,
 ):  # fmt: skip
     """Gated RMSNorm of value head ``program_id(1)`` of row ``program_id(0)``; then this program's share of the
     q/k conv channels shifted (every state program has read them: this kernel runs after)."""
     DTYPE: tl.constexpr = out_ptr.dtype.element_ty
+    pdl_enter(PDL)
     i_b = tl.program_id(0).to(tl.int64)
     hv = tl.program_id(1)
     rv = tl.arange(0, BV)
@@ -248,11 +262,14 @@ def kda_state_kernel(
     scale,
     H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, KW: tl.constexpr, KWP: tl.constexpr,
     L2_EPS: tl.constexpr,
+    PDL: tl.constexpr = 0,
+    STREAM: tl.constexpr = False,
 ):  # fmt: skip
     """The KDA step of batch row ``program_id(0)``, head ``program_id(1)``, value columns ``program_id(2) * BV ..``.
     q and k are read from their conv states (shifted later by :func:`kda_finish_kernel`); the v block is owned and
     shifted here."""
     DTYPE: tl.constexpr = o_ptr.dtype.element_ty
+    pdl_enter(PDL)
     i_b = tl.program_id(0).to(tl.int64)
     i_h = tl.program_id(1)
     v0 = tl.program_id(2) * BV
@@ -276,7 +293,7 @@ def kda_state_kernel(
     rv = tl.arange(0, BV)
     vm = rv < nv
     s_ptrs = state_ptr + ((i_b * H + i_h) * D + r[:, None]) * D + v0 + rv[None, :]
-    o = _delta_rule_head(s_ptrs, m[:, None] & vm[None, :], q, k, v, tl.exp(g)[:, None], beta)
+    o = _delta_rule_head(s_ptrs, m[:, None] & vm[None, :], q, k, v, tl.exp(g)[:, None], beta, STREAM)
     tl.store(o_ptr + i_b * s_o + c0 + v0 + rv, _rnd(o, DTYPE).to(DTYPE), mask=vm)
 
 
@@ -289,9 +306,11 @@ def kda_finish_kernel(
     qcs_ptr, kcs_ptr, s_cs_b, s_cs_c, s_cs_k,  # q/k conv states [B, H*D, KW-1]
     out_ptr, s_out,  # [B, H*D]
     D: tl.constexpr, BD: tl.constexpr, KW: tl.constexpr, KWP: tl.constexpr, NORM_EPS: tl.constexpr,
+    PDL: tl.constexpr = 0,
 ):  # fmt: skip
     """Gated RMSNorm of head ``program_id(1)`` of row ``program_id(0)``; then the head's q/k conv channels shifted."""
     DTYPE: tl.constexpr = out_ptr.dtype.element_ty
+    pdl_enter(PDL)
     i_b = tl.program_id(0).to(tl.int64)
     c0 = tl.program_id(1) * D
     r = tl.arange(0, BD)

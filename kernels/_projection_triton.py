@@ -52,6 +52,7 @@ import triton
 import triton.language as tl
 
 from ._fused_decode_triton import _rnd
+from ._pdl_triton import pdl_enter, prefetch_rows_l2
 
 
 @triton.jit
@@ -88,6 +89,8 @@ def skinny_linear_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr, SPLIT: tl.constexpr,
     GATED: tl.constexpr, RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
     UPCAST: tl.constexpr,  # True only in the interpreter, whose tl.dot mishandles bf16 operands
+    PDL: tl.constexpr = 0,  # programmatic dependent launch mode (backend.pdl_launch, _pdl_triton.pdl_enter)
+    PREFETCH: tl.constexpr = 0,  # under PDL: 128-byte lines per weight row asked of L2 before the wait
 ):  # fmt: skip
     """``o[:, n0:n0+BN] = epilogue(x @ W[n0:n0+BN].T)`` for ``n0 = program_id(0) * BN``; with ``SPLIT > 1``,
     program ``(pid_n, pid_k)`` sums the ``pid_k``-th of ``SPLIT`` K ranges and the last to arrive reduces."""
@@ -120,6 +123,11 @@ def skinny_linear_kernel(
         w_ptrs += k_lo
         if GATED:
             w2_ptrs += k_lo
+    if PDL and PREFETCH > 0:  # the weights are no kernel's output: their first lines may stream before the wait
+        prefetch_rows_l2(w_ptr, s_wn, rn, N, k_lo, k_hi, PREFETCH)
+        if GATED:
+            prefetch_rows_l2(w2_ptr, s_w2n, rn, N, k_lo, k_hi, PREFETCH)
+    pdl_enter(PDL)
     for k0 in tl.range(k_lo, k_hi, BK, num_stages=STAGES):
         if EVEN_K:
             x = tl.load(x_ptrs, mask=mm[:, None], other=0.0)
@@ -189,9 +197,11 @@ def rms_norm_kernel(
     o_ptr, s_o,  # [M, D]
     D, eps,
     BD: tl.constexpr,
+    PDL: tl.constexpr = 0,
 ):  # fmt: skip
     """``o[m] = round(x[m] * rsqrt(mean(x[m]^2) + eps)) * w`` for ``m = program_id(0)`` (fp32 statistics)."""
     DTYPE: tl.constexpr = o_ptr.dtype.element_ty
+    pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     r = tl.arange(0, BD)
     m = r < D

@@ -14,6 +14,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ._pdl_triton import pdl_enter
+
 
 @triton.jit
 def rope_cache_write_kernel(
@@ -26,8 +28,10 @@ def rope_cache_write_kernel(
     kc_ptr, vc_ptr, s_cb, s_cs, s_ch,  # caches [B, S, HKV, D] (same strides), written at [b, slot]
     H,
     D: tl.constexpr, BD: tl.constexpr,
+    PDL: tl.constexpr = 0,  # programmatic dependent launch mode (backend.pdl_launch, _pdl_triton.pdl_enter)
 ):  # fmt: skip
     """Row ``program_id(0)``; head ``program_id(1)``: query heads ``0..H-1``, then key/value heads."""
+    pdl_enter(PDL)
     i_b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     d = tl.arange(0, BD)

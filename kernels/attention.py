@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backend import resolve_attention_backend, resolve_decode_backend
+from .backend import pdl_launch, resolve_attention_backend, resolve_decode_backend
 
 # Without gradients, a sliding window over at most this many tokens runs as SDPA with a dense boolean mask instead of
 # FlexAttention: Flex is compiled once per shape (``dynamic=False``), and evaluation feeds many shapes (on the H200,
@@ -286,14 +286,15 @@ def _triton_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, valid: Tensor, *
     acc = torch.empty(rows, D, device=q.device, dtype=torch.float32)
     out = torch.empty_like(q)
     ieee = q.dtype == torch.float32 or not q.is_cuda  # fp32 dots (the interpreter's bf16 dot is broken)
+    pdl = pdl_launch(q.device)
     tri._decode_split_kernel[(B, Hkv, splits)](
         q, k_cache, v_cache, ok, m, l_sum, acc, S, per,
         q.stride(0), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), ok.stride(0), float(scale),
-        HKV=Hkv, NSPLIT=splits, G=G, GP=gp, D=D, BLOCK_S=TRITON_DECODE_BLOCK_S, IEEE=ieee,
+        HKV=Hkv, NSPLIT=splits, G=G, GP=gp, D=D, BLOCK_S=TRITON_DECODE_BLOCK_S, IEEE=ieee, **pdl,
     )  # fmt: skip
     tri._decode_merge_kernel[(B, Hkv)](m, l_sum, acc, out, out.stride(0), out.stride(2),
-                                       HKV=Hkv, NSPLIT=splits, G=G, GP=gp, D=D)  # fmt: skip
+                                       HKV=Hkv, NSPLIT=splits, G=G, GP=gp, D=D, **pdl)  # fmt: skip
     return out
 
 

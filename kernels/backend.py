@@ -24,6 +24,13 @@ ATTENTION_BACKENDS = ("auto", "reference", "sdpa", "flex")
 DECODE_BACKENDS = ("auto", "reference", "sdpa", "sdpa_grouped", "triton")
 #: What ``"auto"`` decode attention means on CUDA (``benchmarks/measure_decode.py --attention-decode`` sets it).
 AUTO_CUDA_DECODE_BACKEND = "sdpa"
+#: Programmatic dependent launch (PDL) of our Triton decode kernels on sm_90+ GPUs (see :func:`pdl_launch`). False
+#: (or ``PLACEMENT_SEARCH_PDL=0``): every kernel waits for its predecessor to finish before it starts. On the H200
+#: the whole 15B decode step is 0.2-1.0% faster with it (results/decode_step_ab_h200.json, ``ab_decode_step.py``).
+PDL = os.environ.get("PLACEMENT_SEARCH_PDL", "1") != "0"
+#: Under PDL, whether each kernel lets its dependent launch right after its own wait (True) or only as its programs
+#: exit (False). True made the H200 step 6-8% slower (results/decode_step_ab_early_h200.json).
+PDL_EARLY_TRIGGER = False
 
 
 @functools.cache
@@ -45,6 +52,36 @@ def fla_available() -> bool:
     except Exception:
         return False
     return True
+
+
+@functools.cache
+def _pdl_capable(index: int) -> bool:
+    if not triton_available():
+        return False
+    try:
+        importlib.import_module("triton.language.extra.cuda").gdc_wait  # noqa: B018 (Triton >= 3.4)
+    except Exception:
+        return False
+    return torch.cuda.get_device_capability(index) >= (9, 0)
+
+
+def pdl_launch(device: torch.device) -> dict[str, bool]:
+    """Launch keywords for one of our Triton kernels on ``device``: ``{"PDL": True, "launch_pdl": True}`` where
+    programmatic dependent launch applies (``PDL`` on, a CUDA device of compute capability 9.0 or more, a Triton
+    with grid dependency control, not the interpreter), ``{}`` otherwise.
+
+    Under PDL a kernel may start while its predecessor on the stream is still running (its tail wave), so its
+    programs get onto the SMs and run their prologue early; each such kernel takes the ``PDL`` constexpr and then
+    calls ``gdc_wait()`` (PTX ``griddepcontrol.wait``: the predecessor has completed and its writes are visible)
+    in every program before it reads anything a predecessor wrote or writes anything, and then
+    ``gdc_launch_dependents()`` (the next PDL kernel may launch once every program got there). Since every program
+    waits, a kernel's completion still implies its predecessors' completion: stream order holds transitively, also
+    for kernels that are not ours (they launch normally). Captured CUDA graphs keep the programmatic edges.
+    """
+    if not PDL or device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return {}
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return {"PDL": 2 if PDL_EARLY_TRIGGER else 1, "launch_pdl": True} if _pdl_capable(index) else {}
 
 
 def fla_module(name: str) -> ModuleType:

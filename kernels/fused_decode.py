@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backend import triton_available
+from .backend import pdl_launch, triton_available
 from .conv import causal_conv1d_update
 from .delta_rule import L2NORM_EPS, delta_rule_step_torch, gated_delta_rule_step, gdn_gate
 from .kda import kda_gate, kda_step
@@ -123,6 +123,9 @@ def _check_state(state: Tensor, shape: tuple[int, ...], triton_path: bool) -> No
 #: us vs 8.2): results/decode_kernels_h200.json.
 BLOCK_V = 64
 SMALL_BATCH = 16
+#: Streaming cache hints on the recurrent state in the Triton state kernels (loads evict-first, stores ``.cs``):
+#: the state is read and written once per step, so it need not stay in L2.
+STATE_STREAM_HINTS = False
 
 
 def _block_v(dv: int, block_v: int | None, batch: int) -> int:
@@ -204,13 +207,13 @@ def gdn_decode_step(
             qkv, qkv.stride(0), b, b.stride(0), a, a.stride(0), conv_state, *cs_strides,
             w, w.stride(0), w.stride(1), A_log, dt_bias, state, o, o.stride(0), scale,
             HK=HK, HV=HV, DK=DK, DV=DV, BK=bk, BV=bv, KW=kw, KWP=_next_pow2(kw), L2_EPS=L2NORM_EPS,
-            **_launch_kw(bk, bv, num_warps),
+            STREAM=STATE_STREAM_HINTS, **_launch_kw(bk, bv, num_warps), **pdl_launch(state.device),
         )  # fmt: skip
         qk_per = -(-2 * HK * DK // HV)  # q/k conv channels each finishing program shifts
         tk.gdn_finish_kernel[(B, HV)](
             o, o.stride(0), z, z.stride(0), norm_weight, qkv, qkv.stride(0), conv_state, *cs_strides,
             out, out.stride(0), QK_PER=qk_per, HK=HK, HV=HV, DK=DK, DV=DV, BV=_next_pow2(DV),
-            BQ=_next_pow2(qk_per), KW=kw, KWP=_next_pow2(kw), NORM_EPS=norm_eps, num_warps=4,
+            BQ=_next_pow2(qk_per), KW=kw, KWP=_next_pow2(kw), NORM_EPS=norm_eps, num_warps=4, **pdl_launch(state.device),
         )  # fmt: skip
         return out
     y = causal_conv1d_update(qkv, conv_state, w, activation="silu")
@@ -297,11 +300,12 @@ def kda_decode_step(
             q, q.stride(0), k, k.stride(0), v, v.stride(0), f, f.stride(0), beta, beta.stride(0),
             *css, *cs_strides, *ws, w0.stride(0), w0.stride(1), A_log, dt_bias, state, o, o.stride(0), scale,
             H=H, D=D, BD=bd, BV=bv, KW=kw, KWP=_next_pow2(kw), L2_EPS=L2NORM_EPS, **_launch_kw(bd, bv, num_warps),
+            STREAM=STATE_STREAM_HINTS, **pdl_launch(state.device),
         )  # fmt: skip
         tk.kda_finish_kernel[(B, H)](
             o, o.stride(0), gate, gate.stride(0), norm_weight, q, q.stride(0), k, k.stride(0),
             q_conv_state, k_conv_state, *cs_strides, out, out.stride(0),
-            D=D, BD=bd, KW=kw, KWP=_next_pow2(kw), NORM_EPS=norm_eps, num_warps=4,
+            D=D, BD=bd, KW=kw, KWP=_next_pow2(kw), NORM_EPS=norm_eps, num_warps=4, **pdl_launch(state.device),
         )  # fmt: skip
         return out
     heads = (B, H, D)

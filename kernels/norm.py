@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .backend import pdl_launch
 from .projection import uses_triton
 
 
@@ -37,7 +38,8 @@ def rms_norm(x: Tensor, weight: Tensor | None, eps: float, *, backend: str = "au
         out = torch.empty_like(x2)
         bd = 1 << max(d - 1, 0).bit_length()
         importlib.import_module(f"{__package__}._projection_triton").rms_norm_kernel[(x2.shape[0],)](
-            x2, x2.stride(0), weight, out, out.stride(0), d, float(eps), BD=bd, num_warps=8 if bd >= 4096 else 4
+            x2, x2.stride(0), weight, out, out.stride(0), d, float(eps), BD=bd, num_warps=8 if bd >= 4096 else 4,
+            **pdl_launch(x.device),
         )
         return out.view(x.shape)
     if backend == "triton":

@@ -17,7 +17,9 @@ Backends:
   waves of the GPU's SMs (``N = 5120`` at ``BN = 64`` is 80 programs on the H200's 132); the last program of a
   block to arrive sums the fp32 partials (a per-call workspace) in a fixed order and applies the epilogue, with
   a per-device counter buffer (``_SPLIT_LOCKS``) that every launch leaves at zero. Deterministic; it differs from
-  ``SPLIT = 1`` by the fp32 summation order only.
+  ``SPLIT = 1`` by the fp32 summation order only. On sm_90+ GPUs launched with programmatic dependent launch
+  (:func:`.backend.pdl_launch`): a launch may start as the previous kernel's programs exit, and waits for it
+  before it reads the activation.
 - ``"auto"``: ``"triton"`` on CUDA for bf16/fp16 with ``M <= SKINNY_MAX_ROWS``, no gradient, unit column
   strides and a weight of at least ``SKINNY_MIN_WEIGHT`` elements (checked and timed on the H200 by
   ``benchmarks/bench_projection.py``); ``"torch"`` otherwise.
@@ -36,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backend import triton_available
+from .backend import pdl_launch, triton_available
 
 LINEAR_OP_BACKENDS = ("auto", "torch", "triton")
 #: The most activation rows the Triton kernel takes (its ``BM`` tile).
@@ -52,6 +54,14 @@ def _triton_module() -> ModuleType:
 #: When set, replaces every default config's ``SPLIT`` (0: :func:`split_for`); for benchmarks comparing split-K
 #: settings on the whole decode step (``benchmarks/profile_decode_step.py --split``).
 SPLIT_OVERRIDE: int | None = None
+
+
+#: Under programmatic dependent launch (:func:`.backend.pdl_launch`): 128-byte lines of each weight row of a program
+#: (the start of its K range) that it asks L2 for before it waits for the previous kernel, so that the weight
+#: stream would start during that kernel's tail (0: none; a power of two). Off: on the H200 every prefetch made the
+#: whole step slower (all-SWA batch 1: 8.21 ms without, 8.26 with 4 lines, 8.34 with 8;
+#: results/decode_step_ab_h200.json), the lines being fetched again by the main loop.
+PDL_PREFETCH_LINES = 0
 
 
 #: Split-K tiles for the output projections and the MLP down projection ([5120, 4096 / 14336]): 32 x 128 tiles, 4
@@ -223,12 +233,15 @@ def _launch(
         ws_shape = (split, blocks, 2 if gated else 1, m, cfg["BN"])
         ws = torch.empty(ws_shape, dtype=torch.float32, device=x.device)
         locks = _split_locks(x.device, blocks)
+    pdl = pdl_launch(x.device)
+    if pdl and PDL_PREFETCH_LINES:
+        pdl["PREFETCH"] = PDL_PREFETCH_LINES
     _triton_module().skinny_linear_kernel[(blocks, split)](
         x2, x2.stride(0), w, w.stride(0), w if w2 is None else w2, w.stride(0) if w2 is None else w2.stride(0),
         w if bias is None else bias, r2, r2.stride(0), out, out.stride(0), ws, locks, m, n, k,
         BM=SKINNY_MAX_ROWS, SPLIT=split, GATED=gated, RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
         EVEN_K=k % cfg["BK"] == 0, UPCAST=os.environ.get("TRITON_INTERPRET") == "1",
-        num_warps=warps, **cfg,
+        num_warps=warps, **cfg, **pdl,
     )  # fmt: skip
     return out.view(*lead, n)
 

@@ -8,7 +8,7 @@ import os
 import torch
 from torch import Tensor
 
-from .backend import triton_available
+from .backend import pdl_launch, triton_available
 
 
 def rope_cos_sin(
@@ -152,7 +152,7 @@ def rope_cache_write(
             q, q.stride(0), q.stride(1), k, k.stride(0), k.stride(1), v, v.stride(0), v.stride(1),
             cos2, sin2, cos2.stride(0), slot, out, out.stride(0), out.stride(2),
             k_cache, v_cache, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            H, D=D, BD=1 << (D - 1).bit_length(), num_warps=1,
+            H, D=D, BD=1 << (D - 1).bit_length(), num_warps=1, **pdl_launch(q.device),
         )  # fmt: skip
         return out
     if backend == "triton":

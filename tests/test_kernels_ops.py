@@ -314,3 +314,25 @@ def test_cpu_paths_never_import_fla() -> None:
     K.gated_delta_rule(q, q, torch.randn(1, 3, 2, 4), -torch.rand(1, 3, 2), torch.rand(1, 3, 2))
     K.kda(q, q, torch.randn(1, 3, 1, 4), -torch.rand(1, 3, 1, 4), torch.rand(1, 3, 1))
     assert ("fla" in sys.modules) == had
+
+
+def test_pdl_launch_keywords(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Programmatic dependent launch: only for CUDA devices that support it, never in Triton's interpreter (which
+    has no grid dependency control), off with ``backend.PDL = False``; the trigger mode travels as the constexpr."""
+    cuda = torch.device("cuda", 0)
+    assert KB.pdl_launch(torch.device("cpu")) == {}
+    monkeypatch.setattr(KB, "_pdl_capable", lambda index: True)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(KB, "PDL", True)
+    monkeypatch.setattr(KB, "PDL_EARLY_TRIGGER", False)
+    assert KB.pdl_launch(cuda) == {"PDL": 1, "launch_pdl": True}
+    monkeypatch.setattr(KB, "PDL_EARLY_TRIGGER", True)
+    assert KB.pdl_launch(cuda) == {"PDL": 2, "launch_pdl": True}
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert KB.pdl_launch(cuda) == {}
+    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.setattr(KB, "PDL", False)
+    assert KB.pdl_launch(cuda) == {}
+    monkeypatch.setattr(KB, "PDL", True)
+    monkeypatch.setattr(KB, "_pdl_capable", lambda index: False)  # pre-Hopper GPU or a Triton without it
+    assert KB.pdl_launch(cuda) == {}

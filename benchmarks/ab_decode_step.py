@@ -1,0 +1,183 @@
+"""A/B of launch settings on the whole-model decode step: the same model, cache and step captured once per variant.
+
+The variants are module settings read at launch time, so one CUDA graph per variant is captured from the same
+model and cache and replayed in turn (rounds of all variants, ``--rounds`` times, so a drift of the machine shows
+as a spread rather than as a difference between variants):
+
+- ``nopdl``: every kernel waits for its predecessor (``kernels.backend.PDL = False``);
+- ``pdl``: programmatic dependent launch of our Triton kernels, no weight prefetch
+  (``kernels.projection.PDL_PREFETCH_LINES = 0``);
+- ``pdl_pf<N>``: PDL, and each projection program asks L2 for the first ``N`` 128-byte lines of its weight rows
+  before it waits;
+- ``pdl_early`` (``_pf<N>``): the same with each kernel's dependents launched right after its own wait;
+- any of these with ``+tattn`` (attention decode through the Triton split-K kernel, not SDPA) and/or ``+stream``
+  (streaming cache hints on the GDN/KDA recurrent state).
+
+Correctness: before each variant's timed replays the recurrent and conv states are restored to one snapshot and
+the step is replayed once; its logits must equal the first variant's bit for bit (the variants run the same
+kernels with the same tiles in the same order: only when a kernel starts differs, so any difference is a race).
+
+    python benchmarks/ab_decode_step.py --out $OUT/decode_step_ab_h200.json \\
+        --placements all-attention,all-swa,all-gdn,all-kda,mixed --batch 1,16 --variants nopdl,pdl,pdl_pf8
+
+Writes JSON (machine, versions, command, date, one record per placement and batch) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+from profile_decode_step import add_step_args, copy_bandwidth
+
+from placement_search.evaluators import Supernet, mixers_for
+from placement_search.evaluators import throughput as T
+from placement_search.evaluators.cache import AttentionCache
+from placement_search.files import write_json_atomic
+from placement_search.spec import get_spec
+
+LABELS = {"all-attention": "attention", "all-swa": "sliding_window", "all-gdn": "gdn", "all-kda": "kda"}
+
+
+def apply_variant(name: str) -> None:
+    """Set the module switches for variant ``name`` (see the module docstring): a PDL setting, then optionally
+    ``+tattn`` (attention decode through the Triton split-K kernel instead of SDPA) and ``+stream`` (streaming
+    cache hints on the GDN/KDA state)."""
+    from placement_search.kernels import backend as kb
+    from placement_search.kernels import fused_decode as fd
+    from placement_search.kernels import projection as kp
+
+    head, *extras = name.split("+")
+    unknown = [e for e in extras if e not in ("tattn", "stream")]
+    base, _, pf = head.partition("_pf")
+    if unknown or (head != "nopdl" and (base not in ("pdl", "pdl_early") or not (pf.isdigit() or pf == ""))):
+        raise SystemExit(
+            f"unknown variant {name!r}: expected nopdl, pdl or pdl_early (optionally _pf<lines>), "
+            "then optionally +tattn and +stream"
+        )
+    kb.PDL, kb.PDL_EARLY_TRIGGER, kp.PDL_PREFETCH_LINES = head != "nopdl", base == "pdl_early", int(pf or 0)
+    kb.AUTO_CUDA_DECODE_BACKEND = "triton" if "tattn" in extras else "sdpa"
+    fd.STATE_STREAM_HINTS = "stream" in extras
+
+
+def placement_of(spec, label: str) -> list[str]:
+    if label == "mixed":  # A S G K repeated, as the engine-efficiency benchmark's mixed placement
+        order = list(spec.mixer_names)
+        return [order[i % len(order)] for i in range(spec.num_layers)]
+    if label not in LABELS:
+        raise SystemExit(f"unknown placement {label!r}: expected one of {[*LABELS, 'mixed']}")
+    return [LABELS[label]] * spec.num_layers
+
+
+def ab_one(spec, label: str, context: int, batch: int, variants: list[str], rounds: int, device) -> dict:
+    placement = placement_of(spec, label)
+    model = Supernet(spec, mixers_for(spec, [placement]), device=device, dtype=torch.bfloat16, seed=0).eval()
+    model.set_placement(placement)
+    gen = torch.Generator(device=device).manual_seed(0)
+    cache = model.new_cache(batch, context)
+    pos0 = T.prepare_cache(cache, context, gen)
+    token = torch.randint(0, spec.vocab_size, (batch,), device=device, generator=gen)
+    step = T.decode_step_fn(model, cache, token, pos0, context)
+    # Attention caches are rewritten with the same keys at the same slot by every replay; the recurrent and conv
+    # states move on, so they are put back before the replay whose logits are compared.
+    moving = [t for layer in cache.layers if not isinstance(layer, AttentionCache)
+              for t in vars(layer).values() if isinstance(t, torch.Tensor)]  # fmt: skip
+    snapshot = [t.clone() for t in moving]
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    equal: dict[str, bool] = {}
+    max_diff: dict[str, float] = {}
+    reference = None
+    with torch.no_grad():
+        for _ in range(rounds):
+            for name in variants:
+                apply_variant(name)
+                for _ in range(2):  # compiles this variant's kernels outside the capture
+                    step()
+                torch.cuda.synchronize(device)
+                captured = T.CapturedStep(step, device)
+                for t, s in zip(moving, snapshot, strict=True):
+                    t.copy_(s)
+                captured.replay()
+                torch.cuda.synchronize(device)
+                logits = captured.out.clone()
+                if reference is None:
+                    reference = logits
+                equal[name] = equal.get(name, True) and bool(torch.equal(logits, reference))
+                diff = ((logits.float() - reference.float()).norm() / reference.float().norm()).item()
+                max_diff[name] = max(max_diff.get(name, 0.0), diff)
+                times[name].append(captured.time(30, budget_s=1.0).ms)
+                captured.close()
+                T.free_memory(device)
+    del cache, model, snapshot
+    T.free_memory(device)
+    med = {v: round(statistics.median(ts), 4) for v, ts in times.items()}
+    base = med[variants[0]]
+    return {
+        "placement": label, "context": context, "batch": batch, "step_ms": med,
+        "rounds_ms": {v: [round(x, 4) for x in ts] for v, ts in times.items()},
+        "vs_first": {v: round(m / base - 1, 4) for v, m in med.items()},
+        "logits_equal_first": equal, "logits_rel_diff_first": max_diff,
+    }  # fmt: skip
+
+
+def ptx_check(device) -> dict:
+    """Compile the skinny projection with PDL and prefetch and report which instructions its PTX holds."""
+    from placement_search.kernels import projection as kp
+
+    apply_variant("pdl_pf8")
+    x = torch.randn(1, 5120, device=device, dtype=torch.bfloat16)
+    w = torch.randn(6144, 5120, device=device, dtype=torch.bfloat16)
+    y = kp.linear(x, w, backend="triton")
+    err = ((y.float() - (x.float() @ w.float().T)).norm() / (x.float() @ w.float().T).norm()).item()
+    try:  # Triton's per-device kernel cache: (compiled kernels by key, ...) in 3.x
+        caches = kp._triton_module().skinny_linear_kernel.device_caches.values()
+        kernels = [k for cache in caches for k in cache[0].values()]
+    except Exception as e:
+        return {"relative_error_vs_fp32": err, "ptx": f"unavailable: {type(e).__name__}: {e}"}
+    ptx = "\n".join(k.asm.get("ptx", "") for k in kernels)
+    return {"relative_error_vs_fp32": err, "griddepcontrol.wait": "griddepcontrol.wait" in ptx,
+            "griddepcontrol.launch_dependents": "griddepcontrol.launch_dependents" in ptx,
+            "prefetch.global.L2": "prefetch.global.L2" in ptx, "compiled_variants": len(kernels)}  # fmt: skip
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_step_args(ap, "all-attention,all-swa,all-gdn,all-kda,mixed", "1,16")
+    ap.add_argument("--variants", default="nopdl,pdl,pdl_pf8", help="comma list; the first is the baseline")
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    variants = args.variants.split(",")
+    for v in variants:
+        apply_variant(v)  # fails early on an unknown name
+    device = torch.device("cuda")
+    spec = get_spec("super-apriel-15b")
+    record = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "command": " ".join(sys.argv),
+              "device": torch.cuda.get_device_name(device), "python": platform.python_version(),
+              "torch": torch.__version__, "triton": __import__("triton").__version__,
+              "copy_bandwidth_gbs": round(copy_bandwidth(device) / 1e9, 1), "variants": variants,
+              "ptx": ptx_check(device), "rows": []}  # fmt: skip
+    print(f"copy bandwidth {record['copy_bandwidth_gbs']} GB/s; ptx {record['ptx']}", flush=True)
+    print(f"{'placement':14} {'B':>4} " + " ".join(f"{v:>10}" for v in variants) + "  equal", flush=True)
+    for label, batch in [(p, int(b)) for p in args.placements.split(",") for b in args.batch.split(",")]:
+        try:
+            row = ab_one(spec, label, args.context, batch, variants, args.rounds, device)
+        except Exception as e:  # one failing row does not lose the others
+            row = {"placement": label, "batch": batch, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+            T.free_memory(device)
+        record["rows"].append(row)
+        write_json_atomic(Path(args.out), record)
+        if "error" in row:
+            print(label, batch, row["error"], flush=True)
+            continue
+        cells = " ".join(f"{row['step_ms'][v]:>10.4f}" for v in variants)
+        print(f"{label:14} {batch:>4} {cells}  {all(row['logits_equal_first'].values())}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
