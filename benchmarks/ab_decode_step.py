@@ -10,8 +10,9 @@ as a spread rather than as a difference between variants):
 - ``pdl_pf<N>``: PDL, and each projection program asks L2 for the first ``N`` 128-byte lines of its weight rows
   before it waits;
 - ``pdl_early`` (``_pf<N>``): the same with each kernel's dependents launched right after its own wait;
-- any of these with ``+tattn`` (attention decode through the Triton split-K kernel, not SDPA) and/or ``+stream``
-  (streaming cache hints on the GDN/KDA recurrent state).
+- any of these with ``+tattn`` (attention decode through the Triton split-K kernel, not SDPA) or ``+grouped``
+  (SDPA over the query heads of each KV head as rows, ``sdpa_grouped``), and/or ``+stream`` (streaming cache hints
+  on the GDN/KDA recurrent state).
 
 Correctness: before each variant's timed replays the recurrent and conv states are restored to one snapshot and
 the step is replayed once; its logits must equal the first variant's bit for bit (the variants run the same
@@ -46,22 +47,23 @@ LABELS = {"all-attention": "attention", "all-swa": "sliding_window", "all-gdn": 
 
 def apply_variant(name: str) -> None:
     """Set the module switches for variant ``name`` (see the module docstring): a PDL setting, then optionally
-    ``+tattn`` (attention decode through the Triton split-K kernel instead of SDPA) and ``+stream`` (streaming
-    cache hints on the GDN/KDA state)."""
+    ``+tattn`` (attention decode through the Triton split-K kernel instead of SDPA), ``+grouped`` (SDPA with the
+    query heads of a KV head as rows: ``sdpa_grouped``) and ``+stream`` (streaming cache hints on the GDN/KDA
+    state)."""
     from placement_search.kernels import backend as kb
     from placement_search.kernels import fused_decode as fd
     from placement_search.kernels import projection as kp
 
     head, *extras = name.split("+")
-    unknown = [e for e in extras if e not in ("tattn", "stream")]
+    unknown = [e for e in extras if e not in ("tattn", "grouped", "stream")]
     base, _, pf = head.partition("_pf")
     if unknown or (head != "nopdl" and (base not in ("pdl", "pdl_early") or not (pf.isdigit() or pf == ""))):
         raise SystemExit(
             f"unknown variant {name!r}: expected nopdl, pdl or pdl_early (optionally _pf<lines>), "
-            "then optionally +tattn and +stream"
+            "then optionally +tattn or +grouped, and +stream"
         )
     kb.PDL, kb.PDL_EARLY_TRIGGER, kp.PDL_PREFETCH_LINES = head != "nopdl", base == "pdl_early", int(pf or 0)
-    kb.AUTO_CUDA_DECODE_BACKEND = "triton" if "tattn" in extras else "sdpa"
+    kb.AUTO_CUDA_DECODE_BACKEND = "triton" if "tattn" in extras else "sdpa_grouped" if "grouped" in extras else "sdpa"
     fd.STATE_STREAM_HINTS = "stream" in extras
 
 

@@ -65,16 +65,15 @@ def _pdl_capable(index: int) -> bool:
     return torch.cuda.get_device_capability(index) >= (9, 0)
 
 
-def pdl_launch(device: torch.device) -> dict[str, bool]:
-    """Launch keywords for one of our Triton kernels on ``device``: ``{"PDL": True, "launch_pdl": True}`` where
-    programmatic dependent launch applies (``PDL`` on, a CUDA device of compute capability 9.0 or more, a Triton
-    with grid dependency control, not the interpreter), ``{}`` otherwise.
+def pdl_launch(device: torch.device) -> dict[str, int | bool]:
+    """Launch keywords for one of our Triton kernels on ``device``: ``{"PDL": 1, "launch_pdl": True}`` (``PDL`` 2
+    with ``PDL_EARLY_TRIGGER``) where programmatic dependent launch applies (``PDL`` on, a CUDA device of compute
+    capability 9.0 or more, a Triton with grid dependency control, not the interpreter), ``{}`` otherwise.
 
     Under PDL a kernel may start while its predecessor on the stream is still running (its tail wave), so its
-    programs get onto the SMs and run their prologue early; each such kernel takes the ``PDL`` constexpr and then
-    calls ``gdc_wait()`` (PTX ``griddepcontrol.wait``: the predecessor has completed and its writes are visible)
-    in every program before it reads anything a predecessor wrote or writes anything, and then
-    ``gdc_launch_dependents()`` (the next PDL kernel may launch once every program got there). Since every program
+    programs get onto the SMs and run their prologue early. Each such kernel takes the ``PDL`` constexpr and calls
+    ``_pdl_triton.pdl_enter`` (PTX ``griddepcontrol.wait``: the predecessor has completed and its writes are
+    visible) in every program before it reads anything a predecessor wrote or writes anything. Since every program
     waits, a kernel's completion still implies its predecessors' completion: stream order holds transitively, also
     for kernels that are not ours (they launch normally). Captured CUDA graphs keep the programmatic edges.
     """
