@@ -124,7 +124,9 @@ def _check_state(state: Tensor, shape: tuple[int, ...], triton_path: bool) -> No
 BLOCK_V = 64
 SMALL_BATCH = 16
 #: Streaming cache hints on the recurrent state in the Triton state kernels (loads evict-first, stores ``.cs``):
-#: the state is read and written once per step, so it need not stay in L2.
+#: the state is read and written once per step, so it need not stay in L2. Off: on the H200 the kernels alone gain
+#: 8-13% at batch 16 but KDA loses 3-4% at 256-1024, and the whole 15B step moves by under 0.1%
+#: (results/decode_kernels_stream_h200.json, results/decode_step_ab_tattn_stream_h200.json).
 STATE_STREAM_HINTS = False
 
 
@@ -198,7 +200,7 @@ def gdn_decode_step(
         _check_state(state, (B, HV, DK, DV), True)
         if conv_state.shape != (B, C, w.shape[1] - 1):
             raise ValueError(f"conv_state must be {(B, C, w.shape[1] - 1)}, got {tuple(conv_state.shape)}")
-        tk = _triton_module()
+        tk, pdl = _triton_module(), pdl_launch(state.device)
         o = torch.empty(B, HV * DV, dtype=z.dtype, device=z.device)
         out = torch.empty_like(o)
         bk, bv, kw = _next_pow2(DK), _block_v(DV, block_v, B), w.shape[1]
@@ -207,13 +209,13 @@ def gdn_decode_step(
             qkv, qkv.stride(0), b, b.stride(0), a, a.stride(0), conv_state, *cs_strides,
             w, w.stride(0), w.stride(1), A_log, dt_bias, state, o, o.stride(0), scale,
             HK=HK, HV=HV, DK=DK, DV=DV, BK=bk, BV=bv, KW=kw, KWP=_next_pow2(kw), L2_EPS=L2NORM_EPS,
-            STREAM=STATE_STREAM_HINTS, **_launch_kw(bk, bv, num_warps), **pdl_launch(state.device),
+            STREAM=STATE_STREAM_HINTS, **_launch_kw(bk, bv, num_warps), **pdl,
         )  # fmt: skip
         qk_per = -(-2 * HK * DK // HV)  # q/k conv channels each finishing program shifts
         tk.gdn_finish_kernel[(B, HV)](
             o, o.stride(0), z, z.stride(0), norm_weight, qkv, qkv.stride(0), conv_state, *cs_strides,
             out, out.stride(0), QK_PER=qk_per, HK=HK, HV=HV, DK=DK, DV=DV, BV=_next_pow2(DV),
-            BQ=_next_pow2(qk_per), KW=kw, KWP=_next_pow2(kw), NORM_EPS=norm_eps, num_warps=4, **pdl_launch(state.device),
+            BQ=_next_pow2(qk_per), KW=kw, KWP=_next_pow2(kw), NORM_EPS=norm_eps, num_warps=4, **pdl,
         )  # fmt: skip
         return out
     y = causal_conv1d_update(qkv, conv_state, w, activation="silu")
@@ -290,7 +292,7 @@ def kda_decode_step(
             raise ValueError(
                 "the triton backend needs the three conv states (and weights) alike in shape and strides"
             )
-        tk = _triton_module()
+        tk, pdl = _triton_module(), pdl_launch(state.device)
         o = torch.empty(B, H * D, dtype=gate.dtype, device=gate.device)
         out = torch.empty_like(o)
         bd, bv, kw = _next_pow2(D), _block_v(D, block_v, B), ws[0].shape[1]
@@ -300,12 +302,12 @@ def kda_decode_step(
             q, q.stride(0), k, k.stride(0), v, v.stride(0), f, f.stride(0), beta, beta.stride(0),
             *css, *cs_strides, *ws, w0.stride(0), w0.stride(1), A_log, dt_bias, state, o, o.stride(0), scale,
             H=H, D=D, BD=bd, BV=bv, KW=kw, KWP=_next_pow2(kw), L2_EPS=L2NORM_EPS, **_launch_kw(bd, bv, num_warps),
-            STREAM=STATE_STREAM_HINTS, **pdl_launch(state.device),
+            STREAM=STATE_STREAM_HINTS, **pdl,
         )  # fmt: skip
         tk.kda_finish_kernel[(B, H)](
             o, o.stride(0), gate, gate.stride(0), norm_weight, q, q.stride(0), k, k.stride(0),
             q_conv_state, k_conv_state, *cs_strides, out, out.stride(0),
-            D=D, BD=bd, KW=kw, KWP=_next_pow2(kw), NORM_EPS=norm_eps, num_warps=4, **pdl_launch(state.device),
+            D=D, BD=bd, KW=kw, KWP=_next_pow2(kw), NORM_EPS=norm_eps, num_warps=4, **pdl,
         )  # fmt: skip
         return out
     heads = (B, H, D)
