@@ -12,11 +12,14 @@ as a spread rather than as a difference between variants):
 - ``pdl_early`` (``_pf<N>``): the same with each kernel's dependents launched right after its own wait;
 - any of these with ``+tattn`` (attention decode through the Triton split-K kernel, not SDPA) or ``+grouped``
   (SDPA over the query heads of each KV head as rows, ``sdpa_grouped``), and/or ``+stream`` (streaming cache hints
-  on the GDN/KDA recurrent state).
+  on the GDN/KDA recurrent state), and/or ``+unorm`` (the RMSNorms as kernels of their own before the projections,
+  not folded into the projections around them: ``kernels.projection.FUSE_NORM = False``).
 
 Correctness: before each variant's timed replays the recurrent and conv states are restored to one snapshot and
-the step is replayed once; its logits must equal the first variant's bit for bit (the variants run the same
-kernels with the same tiles in the same order: only when a kernel starts differs, so any difference is a race).
+the step is replayed once; its logits must equal the first variant's bit for bit where the variants run the same
+kernels with the same tiles in the same order (only when a kernel starts differs, so any difference is a race).
+Variants that change the arithmetic (``+unorm`` rounds the normalised rows once more; ``+tattn`` and ``+grouped``
+sum attention in another order) report their relative difference from the first instead.
 
     python benchmarks/ab_decode_step.py --out $OUT/decode_step_ab_h200.json \\
         --placements all-attention,all-swa,all-gdn,all-kda,mixed --batch 1,16 --variants nopdl,pdl,pdl_pf8
@@ -48,23 +51,24 @@ LABELS = {"all-attention": "attention", "all-swa": "sliding_window", "all-gdn": 
 def apply_variant(name: str) -> None:
     """Set the module switches for variant ``name`` (see the module docstring): a PDL setting, then optionally
     ``+tattn`` (attention decode through the Triton split-K kernel instead of SDPA), ``+grouped`` (SDPA with the
-    query heads of a KV head as rows: ``sdpa_grouped``) and ``+stream`` (streaming cache hints on the GDN/KDA
-    state)."""
+    query heads of a KV head as rows: ``sdpa_grouped``), ``+stream`` (streaming cache hints on the GDN/KDA
+    state) and ``+unorm`` (RMSNorm kernels before the projections instead of the projections' norm prologue)."""
     from placement_search.kernels import backend as kb
     from placement_search.kernels import fused_decode as fd
     from placement_search.kernels import projection as kp
 
     head, *extras = name.split("+")
-    unknown = [e for e in extras if e not in ("tattn", "grouped", "stream")]
+    unknown = [e for e in extras if e not in ("tattn", "grouped", "stream", "unorm")]
     base, _, pf = head.partition("_pf")
     if unknown or (head != "nopdl" and (base not in ("pdl", "pdl_early") or not (pf.isdigit() or pf == ""))):
         raise SystemExit(
             f"unknown variant {name!r}: expected nopdl, pdl or pdl_early (optionally _pf<lines>), "
-            "then optionally +tattn or +grouped, and +stream"
+            "then optionally +tattn or +grouped, +stream, +unorm"
         )
     kb.PDL, kb.PDL_EARLY_TRIGGER, kp.PDL_PREFETCH_LINES = head != "nopdl", base == "pdl_early", int(pf or 0)
     kb.AUTO_CUDA_DECODE_BACKEND = "triton" if "tattn" in extras else "sdpa_grouped" if "grouped" in extras else "sdpa"
     fd.STATE_STREAM_HINTS = "stream" in extras
+    kp.FUSE_NORM = "unorm" not in extras
 
 
 def placement_of(spec, label: str) -> list[str]:

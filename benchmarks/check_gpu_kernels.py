@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import json
 import math
 import platform
@@ -561,6 +562,44 @@ def main(argv: list[str] | None = None) -> int:
         )
     except Exception as exc:
         chk.error("norm/rope", exc)
+    # ------- decode projections around an RMSNorm (skinny Triton kernel: NORM_OUT producer, NORM consumer) -------
+    try:
+        hid, inner = (64, 48) if args.small else (5120, 4096)
+        for rows in (1, 16):
+            o = torch.randn(rows, inner, device=dev).to(bf)
+            wo = (torch.randn(hid, inner, device=dev) * inner**-0.5).to(bf)
+            res = (3 * torch.randn(rows, hid, device=dev)).to(bf)
+            wn = (1 + 0.1 * torch.randn(hid, device=dev)).to(bf)
+            h_ref = f32(res) + f32(o) @ f32(wo).T
+            normed = K.linear(o, wo, residual=res, next_norm_weight=wn, backend="triton")
+            outs = {"h": (normed.x, h_ref), "h*g": (normed.xg, h_ref * f32(wn))}
+            outs["sumsq"] = (normed.sumsq, h_ref.pow(2).sum(-1))
+            chk.record(
+                "linear+residual+norm_out",
+                "skinny Triton, split-K, NORM_OUT (o_proj)",
+                f"o[{rows},{inner}] W[{hid},{inner}]",
+                outs,
+                timed(lambda o=o, wo=wo, res=res, wn=wn: K.linear(o, wo, residual=res, next_norm_weight=wn), dev),
+            )
+            xr = F.rms_norm(h_ref, (hid,), eps=1e-5) * f32(wn)
+            for name, n, gated in (("qkv", 96 if args.small else 6144, False),
+                                   ("mlp gate+up", 128 if args.small else 14336, True)):  # fmt: skip
+                w1 = (torch.randn(n, hid, device=dev) * hid**-0.5).to(bf)
+                w2 = (torch.randn(n, hid, device=dev) * hid**-0.5).to(bf)
+                ref = F.silu(xr @ f32(w1).T) * (xr @ f32(w2).T) if gated else xr @ f32(w1).T
+                run = functools.partial(
+                    K.gated_linear if gated else K.linear, normed, w1, *([w2] if gated else []),
+                    norm_weight=wn, norm_eps=1e-5, backend="triton",
+                )  # fmt: skip
+                chk.record(
+                    "linear+rms_norm",
+                    f"skinny Triton, NORM ({name})",
+                    f"x[{rows},{hid}] W[{n},{hid}]",
+                    {"y": (run(), ref)},
+                    timed(run, dev),
+                )
+    except Exception as exc:
+        chk.error("linear+rms_norm", exc)
 
     ok = all(r["pass"] for r in chk.rows)
     chk.flush()

@@ -24,7 +24,8 @@ Smoke test (CPU, tiny model, no CUDA graphs): python benchmarks/measure_decode.p
 Rebuild the table from raw data (CPU): python benchmarks/measure_decode.py --build-from results/decode_measurements_h200.json
 Several runs: ``--build-from RUN,RUN:KEY+KEY,...`` (the pieces of the last run that has them; a ``:KEY+KEY`` suffix
 keeps only those rows of a run: ``prefill``, ``memory_check``, ``kernels``, ``whole@engine``, ``whole@validation``,
-optionally ``/LABEL/LABEL``); the shipped table's command is in README.md ("Decode speed on the H200").
+optionally ``/LABEL/LABEL`` or ``/LABEL=BATCH``); the shipped table's command is in README.md ("Decode speed on the
+H200").
 """
 
 from __future__ import annotations
@@ -359,8 +360,11 @@ class Campaign:
                         try:
                             mm = T.measure_decode(model, mixers, c, self.cap(b), replays=self.args.replays)
                             break
-                        except torch.cuda.OutOfMemoryError:
-                            if not largest or attempt == 3:
+                        except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
+                            # an allocation outside torch's caching allocator (a kernel's or library's workspace)
+                            # fails as a plain CUDA error ("out of memory"; run 9's all-KDA at 1108)
+                            oom = isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e)
+                            if not oom or not largest or attempt == 3:
                                 raise
                         # out of the except block: the traceback (and the failed attempt's cache) is released
                         tried.append(b)
@@ -479,15 +483,20 @@ class Campaign:
 
 def select_sections(raw: dict[str, Any], keys: str | None) -> dict[str, Any]:
     """``raw`` with only the rows ``keys`` names (``+``-separated ``SECTION``, ``whole@TAG`` or either followed by
-    ``/LABEL/LABEL``); meta and ceilings always kept; None keeps everything."""
+    ``/LABEL/LABEL``, a label optionally ``LABEL=BATCH`` for that batch's row only); meta and ceilings always kept;
+    None keeps everything."""
     if keys is None:
         return raw
     out = {k: (v if k in ("meta", "ceilings") else [] if isinstance(v, list) else v) for k, v in raw.items()}
     for key in keys.split("+"):
         name, *labels = key.split("/")
         section, _, tag = name.partition("@")
+        wanted = [lab.partition("=") for lab in labels]
         for row in raw.get(section) or []:
-            if (not tag or row.get("tag") == tag) and (not labels or row.get("label") in labels):
+            if tag and row.get("tag") != tag:
+                continue
+            if not labels or any(row.get("label") == lab and (not b or str(row.get("batch")) == b)
+                                 for lab, _, b in wanted):  # fmt: skip
                 out[section].append(row)
     return out
 

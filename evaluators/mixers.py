@@ -4,10 +4,14 @@ Each mixer has two entry points:
 
 - ``forward(x [B, T, d], positions [T], cache=None) -> [B, T, d]``: a whole sequence starting at position 0;
   when ``cache`` is given it is filled for decoding.
-- ``step(x [B, 1, d], pos [B], cache, ctx=None, residual=None) -> [B, 1, d]``: one token at position ``pos``,
-  updating ``cache`` in place with static shapes and no host synchronisation; with ``residual`` the result is
-  ``residual + mixer(x)``. ``ctx`` (:class:`~.cache.StepContext`) carries what all
-  layers of a step share (RoPE tables, slots, masks); without it the layer builds its own.
+- ``step(x [B, 1, d], pos [B], cache, ctx=None, residual=None, norm=None, next_norm=None) -> [B, 1, d]``: one
+  token at position ``pos``, updating ``cache`` in place with static shapes and no host synchronisation; with
+  ``residual`` the result is ``residual + mixer(x)``; with ``norm`` (the block's input :class:`RMSNorm`) the mixer
+  reads ``norm(x)``; with ``next_norm`` the result is :class:`~placement_search.kernels.NormedRows` for that norm.
+  ``x`` and ``residual`` may be ``NormedRows`` too (the previous projection's): on the Triton path the norm between
+  two projections then costs no launch (:data:`placement_search.kernels.projection.FUSE_NORM`). ``ctx``
+  (:class:`~.cache.StepContext`) carries what all layers of a step share (RoPE tables, slots, masks); without it
+  the layer builds its own.
 
 GDN and KDA decode through :func:`~placement_search.kernels.gdn_decode_step` /
 :func:`~placement_search.kernels.kda_decode_step`: two fused Triton launches between the projections on CUDA
@@ -86,19 +90,29 @@ def packed_weight(owner: nn.Module, linears: tuple[nn.Linear, ...], x: torch.Ten
     return packed
 
 
-def _project(owner: nn.Module, linears: tuple[nn.Linear, ...], x: torch.Tensor) -> list[torch.Tensor]:
-    """``[lin(x) for lin in linears]`` for ``x [B, d]``: one launch over the packed weight on the Triton path
-    (the results are column views of its output), one projection each otherwise."""
-    packed = packed_weight(owner, linears, x)
+#: A decode step's residual stream: the rows, or the rows with what the next RMSNorm needs (``K.NormedRows``).
+Rows = torch.Tensor | K.NormedRows
+
+
+def _project(owner: nn.Module, linears: tuple[nn.Linear, ...], x: Rows, norm: RMSNorm | None = None) -> list[torch.Tensor]:
+    """``[lin(x) for lin in linears]`` (of ``norm(x)`` when given) for ``x [B, d]``: one launch over the packed
+    weight on the Triton path, the norm applied there (the results are column views of its output); the norm,
+    then one projection each, otherwise."""
+    packed = packed_weight(owner, linears, K.plain_rows(x))
     if packed is None:
+        x = K.plain_rows(x) if norm is None else norm(K.plain_rows(x))
         return [K.linear(x, lin.weight, lin.bias) for lin in linears]
-    return list(K.linear(x, packed).split([lin.weight.shape[0] for lin in linears], dim=-1))
+    nw, eps = (None, 0.0) if norm is None else (norm.weight, norm.eps)
+    y = K.linear(x, packed, norm_weight=nw, norm_eps=eps)
+    return list(y.split([lin.weight.shape[0] for lin in linears], dim=-1))
 
 
-def _out_proj(lin: nn.Linear, o: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
-    """``lin(o)`` as ``[B, 1, d]`` for ``o [B, n]``, plus ``residual [B, 1, d]`` when given (fused on the Triton path)."""
+def _out_proj(lin: nn.Linear, o: torch.Tensor, residual: Rows | None, next_norm: RMSNorm | None = None) -> Rows:
+    """``lin(o)`` as ``[B, 1, d]`` for ``o [B, n]``, plus ``residual [B, 1, d]`` when given (fused on the Triton path);
+    ``K.NormedRows`` for ``next_norm`` when given (written in the same launch on the Triton path)."""
     res = None if residual is None else residual[:, 0]
-    return K.linear(o, lin.weight, lin.bias, residual=res)[:, None]
+    nw = None if next_norm is None else next_norm.weight
+    return K.linear(o, lin.weight, lin.bias, residual=res, next_norm_weight=nw)[:, None]
 
 
 def _conv(channels: int, kernel: int) -> nn.Conv1d:
@@ -175,23 +189,25 @@ class Attention(nn.Module):
 
     def step(
         self,
-        x: torch.Tensor,
+        x: Rows,
         pos: torch.Tensor,
         cache: AttentionCache,
         ctx: StepContext | None = None,
-        residual: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        b = x.shape[0]
+        residual: Rows | None = None,
+        norm: RMSNorm | None = None,
+        next_norm: RMSNorm | None = None,
+    ) -> Rows:
+        b, dtype = K.plain_rows(x).shape[0], K.plain_rows(x).dtype
         s = self.spec
         ctx = StepContext(pos) if ctx is None else ctx
-        q, k, v = _project(self, (self.q_proj, self.k_proj, self.v_proj), x[:, 0])
-        cos, sin_signed = ctx.rope(s.head_size, s.rope_theta, x.dtype)
+        q, k, v = _project(self, (self.q_proj, self.k_proj, self.v_proj), x[:, 0], norm)
+        cos, sin_signed = ctx.rope(s.head_size, s.rope_theta, dtype)
         q = K.rope_cache_write(
             q.view(b, s.heads, s.head_size), k.view(b, s.head_groups, s.head_size),
             v.view(b, s.head_groups, s.head_size), cos, sin_signed, cache.k, cache.v, ctx.slot(cache), ctx.rows,
         )  # fmt: skip
         o = K.attention_decode(q, cache.k, cache.v, ctx.valid(cache), scale=self.scale, bias=ctx.bias(cache, q.dtype))
-        return _out_proj(self.o_proj, o.reshape(b, -1), residual)
+        return _out_proj(self.o_proj, o.reshape(b, -1), residual, next_norm)
 
 
 class GDN(nn.Module):
@@ -263,21 +279,23 @@ class GDN(nn.Module):
 
     def step(
         self,
-        x: torch.Tensor,
+        x: Rows,
         pos: torch.Tensor,
         cache: GDNCache,
         ctx: StepContext | None = None,
-        residual: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        residual: Rows | None = None,
+        norm: RMSNorm | None = None,
+        next_norm: RMSNorm | None = None,
+    ) -> Rows:
         s = self.spec
-        qkvz, ba = _project(self, (self.in_proj_qkvz, self.in_proj_ba), x[:, 0])
+        qkvz, ba = _project(self, (self.in_proj_qkvz, self.in_proj_ba), x[:, 0], norm)
         qkv, z = qkvz.split([2 * s.key_dim + s.value_dim, s.value_dim], dim=-1)
         b, a = ba.split([s.value_heads, s.value_heads], dim=-1)
         o = K.gdn_decode_step(
             qkv, z, b, a, cache.conv, self.convolution.weight, self.A_log, self.dt_bias, self.norm.weight,
             cache.state, norm_eps=self.norm.eps, backend=self.decode_backend,
         )  # fmt: skip
-        return _out_proj(self.out_proj, o, residual)
+        return _out_proj(self.out_proj, o, residual, next_norm)
 
 
 class KDA(nn.Module):
@@ -351,21 +369,23 @@ class KDA(nn.Module):
 
     def step(
         self,
-        x: torch.Tensor,
+        x: Rows,
         pos: torch.Tensor,
         cache: KDACache,
         ctx: StepContext | None = None,
-        residual: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        residual: Rows | None = None,
+        norm: RMSNorm | None = None,
+        next_norm: RMSNorm | None = None,
+    ) -> Rows:
         inputs = (self.q_proj, self.k_proj, self.v_proj, self.f_a_proj, self.g_a_proj, self.beta_proj)
-        q, k, v, fa, ga, beta = _project(self, inputs, x[:, 0])
+        q, k, v, fa, ga, beta = _project(self, inputs, x[:, 0], norm)
         o = K.kda_decode_step(
             q, k, v, K.linear(fa, self.f_b_proj.weight), beta, K.linear(ga, self.g_b_proj.weight),
             cache.q_conv, cache.k_conv, cache.v_conv, self.q_conv.weight, self.k_conv.weight, self.v_conv.weight,
             self.A_log, self.dt_bias, self.norm.weight, cache.state,
             norm_eps=self.norm.eps, backend=self.decode_backend,
         )  # fmt: skip
-        return _out_proj(self.o_proj, o, residual)
+        return _out_proj(self.o_proj, o, residual, next_norm)
 
 
 Mixer = Attention | GDN | KDA

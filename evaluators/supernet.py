@@ -22,7 +22,14 @@ from torch import nn
 from placement_search import kernels as K
 from placement_search.errors import PlacementError
 from placement_search.evaluators.cache import Cache, CacheError, StepContext
-from placement_search.evaluators.mixers import INIT_STD, Mixer, RMSNorm, build_mixer, init_linear_and_conv
+from placement_search.evaluators.mixers import (
+    INIT_STD,
+    Mixer,
+    RMSNorm,
+    Rows,
+    build_mixer,
+    init_linear_and_conv,
+)
 from placement_search.placement import Placement
 from placement_search.spec import LayerSpec, ModelSpec
 
@@ -41,13 +48,21 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
-    def step(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """``residual + self(x)`` for one decode step: on the Triton path one launch for gate and up (SiLU and the
-        product fused) and one for down with the residual add fused (:func:`~placement_search.kernels.projection`)."""
+    def step(
+        self, x: Rows, residual: Rows, norm: RMSNorm | None = None, next_norm: RMSNorm | None = None
+    ) -> Rows:
+        """``residual + self(x)`` (of ``norm(x)`` when given; ``K.NormedRows`` for ``next_norm`` when given) for one
+        decode step: on the Triton path one launch for gate and up (SiLU and the product fused, the norm from the
+        previous projection's :class:`~placement_search.kernels.NormedRows`) and one for down with the residual add
+        and what the next norm needs fused (:func:`~placement_search.kernels.projection`)."""
+        nn_w = None if next_norm is None else next_norm.weight
         if self.gate_proj.bias is not None:
-            return residual + self(x)
-        h = K.gated_linear(x, self.gate_proj.weight, self.up_proj.weight)
-        return K.linear(h, self.down_proj.weight, residual=residual)
+            xs = K.plain_rows(x)
+            y = K.plain_rows(residual) + self(xs if norm is None else norm(xs))
+            return y if nn_w is None else K.NormedRows(y, nn_w)
+        nw, eps = (None, 0.0) if norm is None else (norm.weight, norm.eps)
+        h = K.gated_linear(x, self.gate_proj.weight, self.up_proj.weight, norm_weight=nw, norm_eps=eps)
+        return K.linear(h, self.down_proj.weight, residual=residual, next_norm_weight=nn_w)
 
 
 class MixerChoice(nn.Module):
@@ -78,16 +93,26 @@ class Block(nn.Module):
         cache: Any = None,
         decode: bool = False,
         ctx: StepContext | None = None,
-    ) -> torch.Tensor:
+        next_norm: RMSNorm | None = None,
+    ) -> Rows:
         """``x [B, T, d]``; ``positions [T]`` (whole sequence) or ``[B]`` (one decode step, ``T == 1``, with the
-        step's shared :class:`StepContext` when the caller has one)."""
+        step's shared :class:`StepContext` when the caller has one). A decode step's ``x`` may be
+        :class:`~placement_search.kernels.NormedRows` (the previous block's); with ``next_norm`` (the next block's
+        input norm, or the final norm) it returns them for that norm."""
         mixer: Mixer = self.mixer.mixers[self.mixer.active]
-        h = self.input_layernorm(x)
-        if decode:  # the residual adds ride in the output projections' epilogues
-            x = mixer.step(h, positions, cache, ctx, residual=x)
-            return self.mlp.step(self.post_attention_layernorm(x), residual=x)
-        x = x + mixer(h, positions, cache)
+        if decode:  # the norms ride in the projections around them, the residual adds in the output projections
+            x = mixer.step(
+                x, positions, cache, ctx, residual=x, norm=self.input_layernorm, next_norm=self.post_attention_layernorm
+            )
+            return self.mlp_step(x, next_norm)
+        x = x + mixer(self.input_layernorm(x), positions, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def mlp_step(self, x: Rows, next_norm: RMSNorm | None = None) -> Rows:
+        """``x + mlp(post_attention_layernorm(x))`` for one decode step ``x [B, 1, d]`` (on the Triton path the norm
+        comes from ``x``'s :class:`~placement_search.kernels.NormedRows`, the residual add rides in the down
+        projection's epilogue, with what ``next_norm`` needs when given)."""
+        return self.mlp.step(x, residual=x, norm=self.post_attention_layernorm, next_norm=next_norm)
 
 
 def mixers_for(spec: ModelSpec, placements: Iterable[PlacementLike]) -> list[frozenset[str]]:
@@ -261,19 +286,23 @@ class Supernet(nn.Module):
         ctx = StepContext(cache.pos)
         x = self.model.embed_tokens(token)
         hidden = [x] if return_hidden_states else []
-        for i, block in enumerate(self.blocks):
-            x = block(x, cache.pos, cache.layers[i], decode=True, ctx=ctx)
+        blocks = list(self.blocks)
+        for i, block in enumerate(blocks):
+            nxt = blocks[i + 1].input_layernorm if i + 1 < len(blocks) else self.model.norm
+            x = block(x, cache.pos, cache.layers[i], decode=True, ctx=ctx, next_norm=nxt)
             if return_hidden_states:
-                hidden.append(x)
+                hidden.append(K.plain_rows(x))
         logits = self.head_step(x)
         cache.pos.add_(1)
         cache.length += 1
         return logits, hidden
 
-    def head_step(self, x: torch.Tensor) -> torch.Tensor:
+    def head_step(self, x: Rows) -> torch.Tensor:
         """Logits of a decode step's last hidden state ``x [B, 1, d]``: final norm and LM head through the decode
-        projection (:func:`~placement_search.kernels.projection`: the skinny Triton kernel on CUDA for a few rows)."""
-        return K.linear(self.model.norm(x), self.lm_head.weight, self.lm_head.bias)
+        projection (:func:`~placement_search.kernels.projection`: the skinny Triton kernel on CUDA for a few rows,
+        the norm from ``x``'s :class:`~placement_search.kernels.NormedRows` when the last block wrote them)."""
+        norm = self.model.norm
+        return K.linear(x, self.lm_head.weight, self.lm_head.bias, norm_weight=norm.weight, norm_eps=norm.eps)
 
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, cache: Cache) -> torch.Tensor:

@@ -23,12 +23,13 @@ from .delta_rule import (
 from .fused_decode import gdn_decode_step, kda_decode_step
 from .kda import kda, kda_gate, kda_step
 from .norm import rms_norm
-from .projection import SKINNY_MIN_WEIGHT, gated_linear, linear
+from .projection import SKINNY_MIN_WEIGHT, NormedRows, gated_linear, linear, plain_rows
 from .projection import uses_triton as linear_uses_triton
 from .rope import apply_rope, apply_rope_tables, rope_cache_write, rope_cos_sin, rope_step_tables, rotate_half
 
 __all__ = [
     "SKINNY_MIN_WEIGHT",
+    "NormedRows",
     "apply_rope",
     "apply_rope_tables",
     "attention",
@@ -54,6 +55,7 @@ __all__ = [
     "linear",
     "linear_uses_triton",
     "naive_delta_rule",
+    "plain_rows",
     "rms_norm",
     "rope_cache_write",
     "rope_cos_sin",

@@ -2,9 +2,11 @@
 
 Split-K single-query GQA decode over a static cache (flash-decoding): program ``(b, kv head, split)`` reads its
 share of the cache slots once for all ``G`` query heads of that KV head (padded to ``GP >= 16`` rows for
-``tl.dot``), keeps an online softmax in fp32, and writes a partial ``(max, sum, acc)``; a second kernel merges the
-splits. The number of splits is chosen so that ``B * Hkv * splits`` fills the GPU at small batch, which is where
-one program per (sequence, head) leaves most of the memory bandwidth unused.
+``tl.dot``) through a software-pipelined loop (``STAGES`` blocks of K and V in flight), keeps an online softmax in
+fp32, and writes a partial ``(max, sum, acc)`` for the ``G`` real rows only; a second kernel merges the splits of a
+``(b, kv head)`` from whole tiles (``CH`` splits per load, ``GQ >= G`` rows), not one split after another. The
+number of splits is chosen so that ``B * Hkv * splits`` fills the GPU at small batch, which is where one program per
+(sequence, head) leaves most of the memory bandwidth unused, with splits long enough for the pipeline to matter.
 
 Precision: ``q . k`` takes the inputs as they are with an fp32 accumulator (bf16 products are exact in fp32, so
 this equals the fp32 reference up to summation order); ``p . v`` rounds the probabilities to the cache dtype
@@ -33,6 +35,7 @@ def _decode_split_kernel(
     HKV: tl.constexpr, NSPLIT: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
     BLOCK_S: tl.constexpr, IEEE: tl.constexpr,
     PDL: tl.constexpr = 0,  # programmatic dependent launch mode (backend.pdl_launch, _pdl_triton.pdl_enter)
+    STAGES: tl.constexpr = 1,  # K/V blocks in flight in the slot loop
 ):  # fmt: skip
     pdl_enter(PDL)
     b = tl.program_id(0)
@@ -47,7 +50,7 @@ def _decode_split_kernel(
     acc = tl.zeros([GP, D], tl.float32)
     start = sp * split_len
     stop = tl.minimum(start + split_len, S)
-    for s0 in range(start, stop, BLOCK_S):
+    for s0 in tl.range(start, stop, BLOCK_S, num_stages=STAGES):
         s = s0 + tl.arange(0, BLOCK_S)
         smask = s < stop
         ok = tl.load(valid_ptr + b * sval_b + s, mask=smask, other=0) != 0
@@ -68,35 +71,44 @@ def _decode_split_kernel(
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m = m_new
-    row = (b * HKV + h) * NSPLIT + sp
-    tl.store(m_ptr + row * GP + g, m)
-    tl.store(l_ptr + row * GP + g, l_sum)
-    tl.store(acc_ptr + (row * GP + g)[:, None] * D + d[None, :], acc)
+    row = (b * HKV + h) * NSPLIT + sp  # partials [B * HKV * NSPLIT, G(, D)]: the real rows only
+    tl.store(m_ptr + row * G + g, m, mask=gmask)
+    tl.store(l_ptr + row * G + g, l_sum, mask=gmask)
+    tl.store(acc_ptr + (row * G + g)[:, None] * D + d[None, :], acc, mask=gmask[:, None])
 
 
 @triton.jit
 def _decode_merge_kernel(
     m_ptr, l_ptr, acc_ptr, out_ptr, so_b, so_h,
-    HKV: tl.constexpr, NSPLIT: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+    HKV: tl.constexpr, NSPLIT: tl.constexpr, G: tl.constexpr, GQ: tl.constexpr, D: tl.constexpr,
+    CH: tl.constexpr,
     PDL: tl.constexpr = 0,
 ):  # fmt: skip
+    """``out[b, h*G:(h+1)*G] = sum_sp w_sp acc_sp / sum_sp w_sp l_sp`` with ``w_sp = exp(m_sp - max m)`` for
+    ``(b, h) = program_id``; partials read ``CH`` splits at a time as ``[CH, GQ(, D)]`` tiles."""
     pdl_enter(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
-    g = tl.arange(0, GP)
+    g = tl.arange(0, GQ)
     d = tl.arange(0, D)
-    base = (b * HKV + h) * NSPLIT
-    m_all = tl.full([GP], float("-inf"), tl.float32)
-    for sp in range(NSPLIT):
-        m_all = tl.maximum(m_all, tl.load(m_ptr + (base + sp) * GP + g))
-    m_safe = tl.where(m_all == float("-inf"), 0.0, m_all)
-    l_all = tl.zeros([GP], tl.float32)
-    acc = tl.zeros([GP, D], tl.float32)
-    for sp in range(NSPLIT):
-        w = tl.exp(tl.load(m_ptr + (base + sp) * GP + g) - m_safe)
-        l_all += w * tl.load(l_ptr + (base + sp) * GP + g)
-        acc += w[:, None] * tl.load(acc_ptr + ((base + sp) * GP + g)[:, None] * D + d[None, :])
-    out = acc / l_all[:, None]
+    c = tl.arange(0, CH)
     gmask = g < G
+    base = (b * HKV + h) * NSPLIT
+    m_all = tl.full([GQ], float("-inf"), tl.float32)
+    for c0 in tl.static_range(0, NSPLIT, CH):
+        ok = ((c0 + c) < NSPLIT)[:, None] & gmask[None, :]
+        mt = tl.load(m_ptr + (base + c0 + c)[:, None] * G + g[None, :], mask=ok, other=float("-inf"))
+        m_all = tl.maximum(m_all, tl.max(mt, axis=0))
+    m_safe = tl.where(m_all == float("-inf"), 0.0, m_all)
+    l_all = tl.zeros([GQ], tl.float32)
+    acc = tl.zeros([GQ, D], tl.float32)
+    for c0 in tl.static_range(0, NSPLIT, CH):
+        ok = ((c0 + c) < NSPLIT)[:, None] & gmask[None, :]
+        rows = (base + c0 + c)[:, None] * G + g[None, :]  # [CH, GQ]
+        w = tl.exp(tl.load(m_ptr + rows, mask=ok, other=float("-inf")) - m_safe[None, :])
+        l_all += tl.sum(w * tl.load(l_ptr + rows, mask=ok, other=0.0), axis=0)
+        at = tl.load(acc_ptr + rows[:, :, None] * D + d[None, None, :], mask=ok[:, :, None], other=0.0)
+        acc += tl.sum(w[:, :, None] * at, axis=0)
+    out = acc / l_all[:, None]
     tl.store(out_ptr + b * so_b + (h * G + g)[:, None] * so_h + d[None, :], out.to(out_ptr.dtype.element_ty),
              mask=gmask[:, None])  # fmt: skip

@@ -13,9 +13,26 @@ a launch and a round trip of the activation each:
 - ``RESIDUAL``: the output is ``r + x W^T`` (the block's residual add after the mixer's or MLP's output
   projection).
 
-Rounding follows the torch composition: each projection is rounded to the activation dtype, then SiLU, the
-product and the residual add are each rounded again (``_rnd``), so results differ from cuBLAS only by the
-fp32 summation order.
+The RMSNorms between them (a block's mixer input and MLP input, the final norm before the LM head: 97 of a 48-layer
+step) need no launch of their own: the projection that adds the residual writes what the next norm needs, and the
+projection after the norm applies it.
+
+- ``NORM_OUT`` (with ``RESIDUAL``): besides ``h = r + x W^T`` the epilogue writes ``hg = round(h * g)`` (``g``: the
+  next norm's weight, ``[N]``) and its column block's partial sums of ``h^2`` per row (fp32, ``ssp[pid_n, :]``,
+  zeros past ``M``).
+- ``NORM``: the activation is ``hg``; each program loads the ``nss`` partial sums of squares before its main loop
+  (they arrive while the weights stream) and adds them up after it, in a fixed order (deterministic), then scales
+  the fp32 product by ``rsqrt(ss / K + eps)`` before the epilogue, so the result is ``rms_norm(h, g) W^T``. The
+  main loop is the plain one: the activation goes from its load straight to ``tl.dot``. (Normalising inside the
+  loop instead, from ``h``, halved the projection's speed on the H200: a per-tile row reduction or a scaling of the
+  operand there breaks the software pipeline; results/decode_step_ab_normdiag_h200.json. Reducing the partials in
+  the producer, in its last column block behind an arrival counter, put that block's atomic and reload on every
+  producer's critical path: all-SWA batch 1 8.20 ms against 8.28 unfused;
+  results/decode_step_ab_norm_lastblock_h200.json; the shipped order: 8.10, results/decode_step_ab_norm_h200.json.)
+
+The reference (:func:`.norm.rms_norm`) rounds ``h * rsqrt(..)`` to the activation dtype, then its product with
+``g``; here ``h * g`` is rounded once and the scale stays fp32: one rounding of the operand fewer, as close to the
+exact result as the reference (tests/test_kernels_projection_triton.py), not bit-equal to it.
 
 Split-K (``SPLIT > 1``; ``SPLIT = 1`` compiles the plain kernel above, unchanged). One program per column block is
 too few programs for a skinny weight: the o_proj / MLP down weights ``[5120, 4096 / 14336]`` at ``BN = 64`` are 80
@@ -59,9 +76,11 @@ from ._pdl_triton import pdl_enter, prefetch_rows_l2
 def _skinny_epilogue(
     acc, acc2, b_ptr, r_ptr, s_rm, o_ptr, s_om, rm, rn, mm, nm,
     DTYPE: tl.constexpr, GATED: tl.constexpr, RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+    NORM_OUT: tl.constexpr, gn_ptr, hg_ptr, s_hg, ssp_ptr, BM: tl.constexpr,
 ):  # fmt: skip
     """Bias, rounding, gating and residual on the fp32 product(s) ``acc`` (``acc2``: GATED's second), then the store
-    of ``o[rm, rn]`` (the same code for ``SPLIT = 1`` and the split-K fixup)."""
+    of ``o[rm, rn]`` (the same code for ``SPLIT = 1`` and the split-K fixup); with ``NORM_OUT`` also ``hg`` and the
+    row sums of squares for the next RMSNorm (see the module docstring)."""
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=nm, other=0.0).to(tl.float32)[None, :]
     y = _rnd(acc, DTYPE)
@@ -73,6 +92,11 @@ def _skinny_epilogue(
         r = tl.load(r_ptr + rm[:, None] * s_rm + rn[None, :], mask=omask, other=0.0).to(tl.float32)
         y = _rnd(r + y, DTYPE)
     tl.store(o_ptr + rm[:, None] * s_om + rn[None, :], y.to(DTYPE), mask=omask)
+    if NORM_OUT:
+        gn = tl.load(gn_ptr + rn, mask=nm, other=0.0).to(tl.float32)
+        tl.store(hg_ptr + rm[:, None] * s_hg + rn[None, :], _rnd(y * gn[None, :], DTYPE).to(DTYPE), mask=omask)
+        # all BM rows (zeros past M), so the consumer reads whole [SSB, BM] tiles
+        tl.store(ssp_ptr + tl.program_id(0) * BM + rm, tl.sum(tl.where(omask, y * y, 0.0), axis=1))
 
 
 @triton.jit
@@ -91,9 +115,20 @@ def skinny_linear_kernel(
     UPCAST: tl.constexpr,  # True only in the interpreter, whose tl.dot mishandles bf16 operands
     PDL: tl.constexpr = 0,  # programmatic dependent launch mode (backend.pdl_launch, _pdl_triton.pdl_enter)
     PREFETCH: tl.constexpr = 0,  # under PDL: 128-byte lines per weight row asked of L2 before the wait
+    NORM: tl.constexpr = False,  # x is round(h * g) for rows h: rms_norm(h, g) W^T
+    ss_ptr=None,  # fp32 [nss, BM] partial sums of squares of the rows h, by column block of h (NORM only)
+    nss=0,  # their number (NORM only)
+    SSB: tl.constexpr = 1,  # a power of two >= nss (NORM only)
+    eps=0.0,  # added to the mean square (NORM only)
+    NORM_OUT: tl.constexpr = False,  # with RESIDUAL: also hg = round(h * gn) and the partial sums of squares
+    gn_ptr=None,  # [N] the next norm's weight (NORM_OUT only)
+    hg_ptr=None, s_hg=0,  # [M, N] round(h * gn), row stride (NORM_OUT only)
+    ssp_ptr=None,  # fp32 [cdiv(N, BN), BM] per-column-block row sums of squares of h (NORM_OUT only)
 ):  # fmt: skip
     """``o[:, n0:n0+BN] = epilogue(x @ W[n0:n0+BN].T)`` for ``n0 = program_id(0) * BN``; with ``SPLIT > 1``,
-    program ``(pid_n, pid_k)`` sums the ``pid_k``-th of ``SPLIT`` K ranges and the last to arrive reduces."""
+    program ``(pid_n, pid_k)`` sums the ``pid_k``-th of ``SPLIT`` K ranges and the last to arrive reduces; ``NORM``
+    and ``NORM_OUT``: the RMSNorm between two projections (see the module docstring)."""
+    tl.static_assert(not NORM_OUT or RESIDUAL, "NORM_OUT writes the residual sum's norm inputs")
     DTYPE: tl.constexpr = o_ptr.dtype.element_ty
     pid = tl.program_id(0)
     rm = tl.arange(0, BM)
@@ -128,6 +163,9 @@ def skinny_linear_kernel(
         if GATED:
             prefetch_rows_l2(w2_ptr, s_w2n, rn, N, k_lo, k_hi, PREFETCH)
     pdl_enter(PDL)
+    if NORM:  # in flight while the weights stream; summed after the loop
+        rs = tl.arange(0, SSB)
+        ssp = tl.load(ss_ptr + rs[:, None] * BM + rm[None, :], mask=(rs < nss)[:, None], other=0.0)
     for k0 in tl.range(k_lo, k_hi, BK, num_stages=STAGES):
         if EVEN_K:
             x = tl.load(x_ptrs, mask=mm[:, None], other=0.0)
@@ -151,10 +189,16 @@ def skinny_linear_kernel(
             w2_ptrs += BK
         x_ptrs += BK
         w_ptrs += BK
+    if NORM:  # (with SPLIT > 1 the partial products are scaled: the sum of scaled partials is the same scaling)
+        r = tl.rsqrt(tl.sum(ssp, axis=0) / K + eps)[:, None]
+        acc *= r
+        if GATED:
+            acc2 *= r
     if SPLIT == 1:
         _skinny_epilogue(
-            acc, acc2, b_ptr, r_ptr, s_rm, o_ptr, s_om, rm, rn, mm, nm, DTYPE, GATED, RESIDUAL, HAS_BIAS
-        )
+            acc, acc2, b_ptr, r_ptr, s_rm, o_ptr, s_om, rm, rn, mm, nm, DTYPE, GATED, RESIDUAL, HAS_BIAS,
+            NORM_OUT, gn_ptr, hg_ptr, s_hg, ssp_ptr, BM,
+        )  # fmt: skip
     else:
         # Serial split-K fixup: publish the partial tile(s) (rows < M only), count arrivals per column block; the
         # last program to arrive sums the SPLIT partials in the fixed order 0..SPLIT-1 (deterministic whichever
@@ -184,8 +228,9 @@ def skinny_linear_kernel(
                 for i in tl.static_range(1, SPLIT):
                     tot2 += tl.load(first + i * step + tile, mask=wmask, other=0.0, cache_modifier=".cg")
             _skinny_epilogue(
-                tot, tot2, b_ptr, r_ptr, s_rm, o_ptr, s_om, rm, rn, mm, nm, DTYPE, GATED, RESIDUAL, HAS_BIAS
-            )
+                tot, tot2, b_ptr, r_ptr, s_rm, o_ptr, s_om, rm, rn, mm, nm, DTYPE, GATED, RESIDUAL, HAS_BIAS,
+                NORM_OUT, gn_ptr, hg_ptr, s_hg, ssp_ptr, BM,
+            )  # fmt: skip
             # All SPLIT programs have arrived: re-armed for the next launch on the stream (or graph replay).
             tl.atomic_xchg(lock_ptr + pid, 0)
 

@@ -245,20 +245,26 @@ def decode_bias(valid: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.where(valid[:, None, None, :], zero, torch.full((), float("-inf"), dtype=dtype, device=valid.device))
 
 
-#: Keys per inner step of the Triton decode kernel; programs per SM the split count aims for.
+#: Keys per inner step of the Triton decode kernel; programs per SM the split count aims for; the fewest slots a
+#: split gets (several pipelined steps each); K/V blocks in flight; splits per tile of the merge.
 TRITON_DECODE_BLOCK_S = 64
-TRITON_DECODE_PROGRAMS_PER_SM = 4
+TRITON_DECODE_PROGRAMS_PER_SM = 2
+TRITON_DECODE_MIN_SPLIT = 256
+TRITON_DECODE_STAGES = 3
+TRITON_DECODE_MERGE_CHUNK = 16
 
 
 def triton_decode_splits(batch: int, kv_heads: int, slots: int, sms: int) -> tuple[int, int]:
     """``(splits, slots per split)`` of the Triton decode kernel: enough programs (``batch * kv_heads * splits``)
-    for ``TRITON_DECODE_PROGRAMS_PER_SM`` per SM, each split a whole number of ``TRITON_DECODE_BLOCK_S`` slots."""
+    for ``TRITON_DECODE_PROGRAMS_PER_SM`` per SM, each split at least ``TRITON_DECODE_MIN_SPLIT`` slots (where there
+    are that many) and a whole number of ``TRITON_DECODE_BLOCK_S`` slots."""
     blk = TRITON_DECODE_BLOCK_S
 
     def cdiv(a: int, b: int) -> int:
         return -(-a // b)
 
-    splits = max(1, min(cdiv(slots, blk), cdiv(TRITON_DECODE_PROGRAMS_PER_SM * sms, max(1, batch * kv_heads))))
+    longest = cdiv(slots, max(blk, TRITON_DECODE_MIN_SPLIT))
+    splits = max(1, min(longest, cdiv(TRITON_DECODE_PROGRAMS_PER_SM * sms, max(1, batch * kv_heads))))
     per = cdiv(cdiv(slots, splits), blk) * blk
     return cdiv(slots, per), per
 
@@ -278,9 +284,10 @@ def _triton_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, valid: Tensor, *
         raise ValueError(f"decode backend 'triton' needs one dtype, got q {q.dtype}, k {k_cache.dtype}, v {v_cache.dtype}")
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 8
     splits, per = triton_decode_splits(B, Hkv, S, sms)
-    gp = max(16, 1 << (G - 1).bit_length())
+    gq = 1 << max(G - 1, 0).bit_length()
+    gp = max(16, gq)
     ok = valid.contiguous().view(torch.uint8) if valid.dtype == torch.bool else valid.ne(0).view(torch.uint8)
-    rows = B * Hkv * splits * gp
+    rows = B * Hkv * splits * G
     m = torch.empty(rows, device=q.device, dtype=torch.float32)
     l_sum = torch.empty(rows, device=q.device, dtype=torch.float32)
     acc = torch.empty(rows, D, device=q.device, dtype=torch.float32)
@@ -291,10 +298,12 @@ def _triton_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, valid: Tensor, *
         q, k_cache, v_cache, ok, m, l_sum, acc, S, per,
         q.stride(0), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), ok.stride(0), float(scale),
-        HKV=Hkv, NSPLIT=splits, G=G, GP=gp, D=D, BLOCK_S=TRITON_DECODE_BLOCK_S, IEEE=ieee, **pdl,
+        HKV=Hkv, NSPLIT=splits, G=G, GP=gp, D=D, BLOCK_S=TRITON_DECODE_BLOCK_S, IEEE=ieee,
+        STAGES=TRITON_DECODE_STAGES, **pdl,
     )  # fmt: skip
+    ch = min(TRITON_DECODE_MERGE_CHUNK, 1 << max(splits - 1, 0).bit_length())
     tri._decode_merge_kernel[(B, Hkv)](m, l_sum, acc, out, out.stride(0), out.stride(2),
-                                       HKV=Hkv, NSPLIT=splits, G=G, GP=gp, D=D, **pdl)  # fmt: skip
+                                       HKV=Hkv, NSPLIT=splits, G=G, GQ=gq, D=D, CH=ch, **pdl)  # fmt: skip
     return out
 
 

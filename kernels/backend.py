@@ -17,12 +17,15 @@ import os
 from types import ModuleType
 
 import torch
+from torch import Tensor
 
 LINEAR_BACKENDS = ("auto", "naive", "chunk", "fla", "fla_kda")
 STEP_BACKENDS = ("auto", "naive", "chunk", "fla")
 ATTENTION_BACKENDS = ("auto", "reference", "sdpa", "flex")
 DECODE_BACKENDS = ("auto", "reference", "sdpa", "sdpa_grouped", "triton")
 #: What ``"auto"`` decode attention means on CUDA (``benchmarks/measure_decode.py --attention-decode`` sets it).
+#: SDPA (cuDNN): the Triton split-K kernel comes within -0.2% (all-SWA batch 1) to +2.7% (all-attention batch 1) of
+#: it on the whole 15B step (results/decode_step_ab_tattn_h200.json), not faster.
 AUTO_CUDA_DECODE_BACKEND = "sdpa"
 #: Programmatic dependent launch (PDL) of our Triton decode kernels on sm_90+ GPUs (see :func:`pdl_launch`). False
 #: (or ``PLACEMENT_SEARCH_PDL=0``): every kernel waits for its predecessor to finish before it starts. On the H200
@@ -31,6 +34,12 @@ PDL = os.environ.get("PLACEMENT_SEARCH_PDL", "1") != "0"
 #: Under PDL, whether each kernel lets its dependent launch right after its own wait (True) or only as its programs
 #: exit (False). True made the H200 step 6-8% slower (results/decode_step_ab_early_h200.json).
 PDL_EARLY_TRIGGER = False
+#: Backends of the decode step's projections and RMSNorm (:mod:`.projection`, :mod:`.norm`).
+LINEAR_OP_BACKENDS = ("auto", "torch", "triton")
+#: The most activation rows the skinny Triton projection takes (its ``BM`` tile).
+SKINNY_MAX_ROWS = 16
+#: ``"auto"`` picks Triton on CUDA when True (False: the whole decode path on cuBLAS, e.g. to compare).
+AUTO_CUDA_TRITON = True
 
 
 @functools.cache
@@ -138,3 +147,31 @@ def resolve_decode_backend(backend: str, device: torch.device) -> str:
     if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("decode backend 'triton' on CPU tensors needs TRITON_INTERPRET=1 (Triton's interpreter)")
     return backend
+
+
+def uses_triton(x: Tensor, weights: tuple[Tensor, ...] | list[Tensor], backend: str = "auto") -> bool:
+    """Whether the skinny Triton projection (and the Triton RMSNorm) takes these tensors under ``backend`` (under
+    ``"auto"``, :func:`.projection.linear` and :func:`.projection.gated_linear` also leave weights under ``SKINNY_MIN_WEIGHT`` elements to cuBLAS); raises for a
+    ``"triton"`` request it cannot serve."""
+    if backend not in LINEAR_OP_BACKENDS:
+        raise ValueError(f"unknown linear backend {backend!r}; expected one of {LINEAR_OP_BACKENDS}")
+    if backend == "torch":
+        return False
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if backend == "triton":
+        if not triton_available():
+            raise ImportError("backend 'triton' needs triton (pip install 'placement-search[gpu]')")
+        if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("linear backend 'triton' on CPU tensors needs TRITON_INTERPRET=1 (Triton's interpreter)")
+        if rows > SKINNY_MAX_ROWS:
+            raise ValueError(f"linear backend 'triton' takes at most {SKINNY_MAX_ROWS} rows, got {rows}")
+        return True
+    return (
+        AUTO_CUDA_TRITON
+        and x.device.type == "cuda"
+        and 0 < rows <= SKINNY_MAX_ROWS
+        and x.dtype in (torch.bfloat16, torch.float16)
+        and all(w.dtype == x.dtype and w.stride(-1) == 1 for w in weights)
+        and not (torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)))
+        and triton_available()
+    )

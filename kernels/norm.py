@@ -8,8 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backend import pdl_launch
-from .projection import uses_triton
+from .backend import pdl_launch, uses_triton
 
 
 def rms_norm(x: Tensor, weight: Tensor | None, eps: float, *, backend: str = "auto") -> Tensor:

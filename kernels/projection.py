@@ -32,19 +32,16 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+from dataclasses import dataclass
 from types import ModuleType
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backend import pdl_launch, triton_available
-
-LINEAR_OP_BACKENDS = ("auto", "torch", "triton")
-#: The most activation rows the Triton kernel takes (its ``BM`` tile).
-SKINNY_MAX_ROWS = 16
-#: ``"auto"`` picks Triton on CUDA when True (False: the whole decode path on cuBLAS, e.g. to compare).
-AUTO_CUDA_TRITON = True
+from .backend import SKINNY_MAX_ROWS, pdl_launch, uses_triton
+from .norm import rms_norm
 
 
 def _triton_module() -> ModuleType:
@@ -62,6 +59,13 @@ SPLIT_OVERRIDE: int | None = None
 #: whole step slower (all-SWA batch 1: 8.21 ms without, 8.26 with 4 lines, 8.34 with 8;
 #: results/decode_step_ab_h200.json), the lines being fetched again by the main loop.
 PDL_PREFETCH_LINES = 0
+
+
+#: Whether the Triton path folds the RMSNorm between two projections into them (no launch of its own): the one
+#: that adds the residual also writes ``round(h * g)`` and the rows' sums of squares (``next_norm_weight``:
+#: :class:`NormedRows`), the one after scales its product (``norm_weight``). False: the Triton RMSNorm kernel runs
+#: before the second projection (to compare: ``benchmarks/ab_decode_step.py`` variant ``+unorm``).
+FUSE_NORM = True
 
 
 #: Split-K tiles for the output projections and the MLP down projection ([5120, 4096 / 14336]): 32 x 128 tiles, 4
@@ -170,50 +174,66 @@ def _split_locks(device: torch.device, blocks: int) -> Tensor:
 SKINNY_MIN_WEIGHT = 1 << 22
 
 
-def uses_triton(x: Tensor, weights: tuple[Tensor, ...] | list[Tensor], backend: str = "auto") -> bool:
-    """Whether the Triton kernel takes these tensors under ``backend`` (under ``"auto"``, :func:`linear` and
-    :func:`gated_linear` also leave weights under ``SKINNY_MIN_WEIGHT`` elements to cuBLAS); raises for a
-    ``"triton"`` request it cannot serve."""
-    if backend not in LINEAR_OP_BACKENDS:
-        raise ValueError(f"unknown linear backend {backend!r}; expected one of {LINEAR_OP_BACKENDS}")
-    if backend == "torch":
-        return False
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if backend == "triton":
-        if not triton_available():
-            raise ImportError("backend 'triton' needs triton (pip install 'placement-search[gpu]')")
-        if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError("linear backend 'triton' on CPU tensors needs TRITON_INTERPRET=1 (Triton's interpreter)")
-        if rows > SKINNY_MAX_ROWS:
-            raise ValueError(f"linear backend 'triton' takes at most {SKINNY_MAX_ROWS} rows, got {rows}")
-        return True
-    return (
-        AUTO_CUDA_TRITON
-        and x.device.type == "cuda"
-        and 0 < rows <= SKINNY_MAX_ROWS
-        and x.dtype in (torch.bfloat16, torch.float16)
-        and all(w.dtype == x.dtype and w.stride(-1) == 1 for w in weights)
-        and not (torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)))
-        and triton_available()
-    )
+@dataclass(frozen=True)
+class NormedRows:
+    """Rows ``x [..., K]`` (a block's residual stream between two projections) and what the RMSNorm of weight
+    ``weight`` after them needs on the Triton path, written by the projection that produced ``x``
+    (:func:`linear` with ``next_norm_weight``): ``xg = round(x * weight)`` and ``partial_sumsq`` (fp32
+    ``[blocks, SKINNY_MAX_ROWS]``: the rows' sums of squares by column block of ``x``, rows in flattened order).
+    ``xg`` and ``partial_sumsq`` are None where the producer took another path (torch, or ``FUSE_NORM`` off); a
+    projection given these rows with ``norm_weight=weight`` then runs the norm first. Indexing applies to ``x`` and
+    ``xg`` and may only add or drop unit dimensions (``rows[:, 0]``, ``rows[:, None]``)."""
+
+    x: Tensor
+    weight: Tensor | None = None
+    xg: Tensor | None = None
+    partial_sumsq: Tensor | None = None
+
+    def __getitem__(self, idx: Any) -> NormedRows:
+        x = self.x[idx]
+        if x.shape[-1] != self.x.shape[-1] or x.numel() != self.x.numel():
+            raise IndexError(f"NormedRows indexing may only add or drop unit dimensions, not {idx!r}")
+        return NormedRows(x, self.weight, None if self.xg is None else self.xg[idx], self.partial_sumsq)
+
+    @property
+    def sumsq(self) -> Tensor | None:
+        """The rows' sums of squares, fp32 ``x.shape[:-1]`` (from ``partial_sumsq``; None without them)."""
+        if self.partial_sumsq is None:
+            return None
+        return self.partial_sumsq.sum(0)[: self.x[..., 0].numel()].view(self.x.shape[:-1])
+
+
+def plain_rows(x: Tensor | NormedRows) -> Tensor:
+    """The rows themselves (``x.x`` of :class:`NormedRows`)."""
+    return x.x if isinstance(x, NormedRows) else x
 
 
 def _launch(
-    x: Tensor,
+    x: Tensor | NormedRows,
     w: Tensor,
     w2: Tensor | None,
     bias: Tensor | None,
     residual: Tensor | None,
     config: dict[str, int] | None,
-) -> Tensor:
+    norm_weight: Tensor | None = None,
+    norm_eps: float = 0.0,
+    next_norm_weight: Tensor | None = None,
+) -> Tensor | NormedRows:
     n, k = w.shape
     w, w2, bias = (None if t is None else t if t.stride(-1) == 1 else t.contiguous() for t in (w, w2, bias))
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, k)
+    rows = x if isinstance(x, NormedRows) else NormedRows(x)
+    lead = rows.x.shape[:-1]
+    ss = None
+    if norm_weight is not None and FUSE_NORM and rows.xg is not None and rows.weight is norm_weight:
+        x2, ss = rows.xg.reshape(-1, k), rows.partial_sumsq  # the producer's round(x * g) and sums of squares
+    elif norm_weight is not None:
+        x2 = rms_norm(rows.x.reshape(-1, k), norm_weight, norm_eps, backend="triton")
+    else:
+        x2 = rows.x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    out = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
     r2 = out
     if residual is not None:
         r2 = residual.reshape(m, n)
@@ -226,78 +246,116 @@ def _launch(
     if split < 0:
         raise ValueError(f"SPLIT must be >= 0 (0: automatic), got {split}")
     if split == 0:
-        split = split_for(n, k, cfg["BN"], _sm_count(x.device), bk=cfg["BK"])
+        split = split_for(n, k, cfg["BN"], _sm_count(x2.device), bk=cfg["BK"])
     blocks = -(-n // cfg["BN"])
+    produce = next_norm_weight is not None and residual is not None and FUSE_NORM
     ws = locks = out  # SPLIT = 1 reads neither (the kernel still takes a pointer for each)
-    if split > 1:  # fp32 partial products (from the graph's pool under capture) and the per-block counters
+    if split > 1:  # fp32 partial products (from the graph's pool under capture)
         ws_shape = (split, blocks, 2 if gated else 1, m, cfg["BN"])
-        ws = torch.empty(ws_shape, dtype=torch.float32, device=x.device)
-        locks = _split_locks(x.device, blocks)
-    pdl = pdl_launch(x.device)
-    if pdl and PDL_PREFETCH_LINES:
-        pdl["PREFETCH"] = PDL_PREFETCH_LINES
+        ws = torch.empty(ws_shape, dtype=torch.float32, device=x2.device)
+    if split > 1:  # the per-block arrival counters
+        locks = _split_locks(x2.device, blocks)
+    launch: dict[str, Any] = pdl_launch(x2.device)
+    if launch and PDL_PREFETCH_LINES:
+        launch["PREFETCH"] = PDL_PREFETCH_LINES
+    if ss is not None:
+        nss = ss.shape[0]
+        launch.update(NORM=True, ss_ptr=ss, nss=nss, SSB=1 << max(nss - 1, 0).bit_length(), eps=float(norm_eps))
+    if produce:
+        hg = torch.empty_like(out)
+        ssp = torch.empty((blocks, SKINNY_MAX_ROWS), dtype=torch.float32, device=x2.device)
+        launch.update(NORM_OUT=True, gn_ptr=next_norm_weight.contiguous(), hg_ptr=hg, s_hg=hg.stride(0), ssp_ptr=ssp)
     _triton_module().skinny_linear_kernel[(blocks, split)](
         x2, x2.stride(0), w, w.stride(0), w if w2 is None else w2, w.stride(0) if w2 is None else w2.stride(0),
         w if bias is None else bias, r2, r2.stride(0), out, out.stride(0), ws, locks, m, n, k,
         BM=SKINNY_MAX_ROWS, SPLIT=split, GATED=gated, RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
         EVEN_K=k % cfg["BK"] == 0, UPCAST=os.environ.get("TRITON_INTERPRET") == "1",
-        num_warps=warps, **cfg, **pdl,
+        num_warps=warps, **cfg, **launch,
     )  # fmt: skip
-    return out.view(*lead, n)
+    y = out.view(*lead, n)
+    if next_norm_weight is None:
+        return y
+    if not produce:
+        return NormedRows(y, next_norm_weight)
+    return NormedRows(y, next_norm_weight, hg.view(*lead, n), ssp)
+
+
+def _torch_rows(x: Tensor | NormedRows, norm_weight: Tensor | None, norm_eps: float, backend: str) -> Tensor:
+    """The activation of the non-Triton path: the rows, RMS-normalised when ``norm_weight`` is given."""
+    x = plain_rows(x)
+    if norm_weight is None:
+        return x
+    return rms_norm(x, norm_weight, norm_eps, backend="torch" if backend == "torch" else "auto")
 
 
 def linear(
-    x: Tensor,
+    x: Tensor | NormedRows,
     weight: Tensor,
     bias: Tensor | None = None,
     *,
-    residual: Tensor | None = None,
+    residual: Tensor | NormedRows | None = None,
+    norm_weight: Tensor | None = None,
+    norm_eps: float = 1e-5,
+    next_norm_weight: Tensor | None = None,
     backend: str = "auto",
     config: dict[str, int] | None = None,
-) -> Tensor:
-    """``x W^T`` (``+ residual``).
+) -> Tensor | NormedRows:
+    """``x W^T`` (``+ residual``), of ``rms_norm(x, norm_weight, norm_eps)`` when ``norm_weight`` is given.
 
     Args:
-        x: ``[..., K]`` activations (``M`` rows in all).
+        x: ``[..., K]`` activations (``M`` rows in all), or :class:`NormedRows` (from a projection given
+            ``next_norm_weight=norm_weight``: on the Triton path the norm then costs no launch of its own).
         weight: ``[N, K]``.
         bias: optional ``[N]``, added before the rounding (as ``F.linear``).
-        residual: optional ``[..., N]``, added after the product is rounded to the activation dtype.
+        residual: optional ``[..., N]`` (or :class:`NormedRows`), added after the product is rounded to the
+            activation dtype.
+        norm_weight: optional ``[K]``: the rows are RMS-normalised first (:func:`.norm.rms_norm`); on the Triton
+            path from ``x``'s :class:`NormedRows` when they carry this weight's (one rounding of the normalised
+            row fewer, see :mod:`._projection_triton`), else by the Triton norm kernel first.
+        norm_eps: added to the mean square (with ``norm_weight``).
+        next_norm_weight: optional ``[N]``, with ``residual``: the weight of the RMSNorm the result goes through
+            next; the result is then :class:`NormedRows`, whose ``xg`` and ``sumsq`` the Triton path fills in the
+            same launch (``FUSE_NORM``).
         backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see the module docstring).
         config: Triton tile sizes (``BN``, ``BK``, ``STAGES``, ``num_warps``, optional ``SPLIT``: K ranges per
             column block, 1 when absent, 0 for :func:`split_for`'s choice); default :func:`skinny_config`.
 
     Returns:
-        ``[..., N]`` in ``x.dtype``.
+        ``[..., N]`` in ``x.dtype``; :class:`NormedRows` of it with ``next_norm_weight``.
     """
-    ws = (weight,) if bias is None else (weight, bias)
-    if uses_triton(x, ws, backend) and (backend == "triton" or weight.numel() >= SKINNY_MIN_WEIGHT):
-        return _launch(x, weight, None, bias, residual, config)
-    y = F.linear(x, weight, bias)
-    return y if residual is None else residual + y
+    res = None if residual is None else plain_rows(residual)
+    ws = tuple(t for t in (weight, bias, norm_weight, next_norm_weight) if t is not None)
+    if uses_triton(plain_rows(x), ws, backend) and (backend == "triton" or weight.numel() >= SKINNY_MIN_WEIGHT):
+        return _launch(x, weight, None, bias, res, config, norm_weight, norm_eps, next_norm_weight)
+    y = F.linear(_torch_rows(x, norm_weight, norm_eps, backend), weight, bias)
+    y = y if res is None else res + y
+    return y if next_norm_weight is None else NormedRows(y, next_norm_weight)
 
 
 def gated_linear(
-    x: Tensor,
+    x: Tensor | NormedRows,
     gate_weight: Tensor,
     up_weight: Tensor,
     *,
+    norm_weight: Tensor | None = None,
+    norm_eps: float = 1e-5,
     backend: str = "auto",
     config: dict[str, int] | None = None,
 ) -> Tensor:
-    """``silu(x Wg^T) * (x Wu^T)``.
+    """``silu(x Wg^T) * (x Wu^T)`` (of ``rms_norm(x, norm_weight, norm_eps)`` when ``norm_weight`` is given).
 
     Args:
-        x: ``[..., K]``.
+        x: ``[..., K]`` or :class:`NormedRows`.
         gate_weight, up_weight: ``[N, K]`` each.
-        backend, config: as for :func:`linear`.
+        norm_weight, norm_eps, backend, config: as for :func:`linear`.
 
     Returns:
         ``[..., N]`` in ``x.dtype``.
     """
     if gate_weight.shape != up_weight.shape:
         raise ValueError(f"gate weight {tuple(gate_weight.shape)} and up weight {tuple(up_weight.shape)} differ")
-    if uses_triton(x, (gate_weight, up_weight), backend) and (
-        backend == "triton" or gate_weight.numel() >= SKINNY_MIN_WEIGHT
-    ):
-        return _launch(x, gate_weight, up_weight, None, None, config)
-    return F.silu(F.linear(x, gate_weight)) * F.linear(x, up_weight)
+    ws = (gate_weight, up_weight) if norm_weight is None else (gate_weight, up_weight, norm_weight)
+    if uses_triton(plain_rows(x), ws, backend) and (backend == "triton" or gate_weight.numel() >= SKINNY_MIN_WEIGHT):
+        return _launch(x, gate_weight, up_weight, None, None, config, norm_weight, norm_eps)
+    h = _torch_rows(x, norm_weight, norm_eps, backend)
+    return F.silu(F.linear(h, gate_weight)) * F.linear(h, up_weight)

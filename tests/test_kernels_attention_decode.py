@@ -2,8 +2,10 @@
 
 Run in Triton's interpreter in a child process (``TRITON_INTERPRET=1`` must be set before triton is imported; see
 tests/test_kernels_fused_decode.py). Cases: grouped query heads (G = 1, 4, 8), slot counts that are not a multiple
-of the 64-slot block, several splits, random holes in ``valid`` (the SWA ring buffer and ragged full caches), and a
-row whose only valid slots lie in the first split (later splits are fully masked and must merge as empty).
+of the 64-slot block, several splits (of several pipelined blocks each), a merge over several tiles of splits
+(``g2_chunked_merge``: 8 splits merged 2 at a time), random holes in ``valid`` (the SWA ring buffer and ragged full
+caches), and a row whose only valid slots lie in the first split (later splits are fully masked and must merge as
+empty).
 
 Tolerances (norm-wise relative error): fp32 1e-5 (same fp32 math in another summation order; observed ~3e-7).
 bf16 caches 1e-2: the output is rounded to bf16 (2^-8 = 3.9e-3 per element at most, the reference rounds too, so
@@ -22,7 +24,10 @@ import pytest
 
 TOL = {"float32": 1e-5, "bfloat16": 1e-2}
 # name -> (B, S, H, Hkv, D)
-CASES = {"g4_odd_slots": (3, 100, 8, 2, 32), "g1_small": (2, 37, 4, 4, 16), "g8_many_splits": (2, 300, 8, 1, 32)}
+CASES = {"g4_odd_slots": (3, 100, 8, 2, 32), "g1_small": (2, 37, 4, 4, 16), "g8_many_splits": (2, 300, 8, 1, 32),
+         "g2_chunked_merge": (1, 2000, 4, 2, 32)}  # fmt: skip
+#: cases whose merge reads this many splits per tile (the runtime's default otherwise)
+MERGE_CHUNK = {"g2_chunked_merge": 2}
 
 
 def _run_all(seed: int) -> dict[str, float]:
@@ -30,6 +35,9 @@ def _run_all(seed: int) -> dict[str, float]:
 
     from placement_search import kernels as K
 
+    A = sys.modules["placement_search.kernels.attention"]  # the module (the package's ``attention`` is the op)
+
+    default_chunk = A.TRITON_DECODE_MERGE_CHUNK
     g = torch.Generator().manual_seed(seed)
     out: dict[str, float] = {}
     for name, (B, S, H, Hkv, D) in CASES.items():
@@ -42,7 +50,9 @@ def _run_all(seed: int) -> dict[str, float]:
             valid[-1] = False
             valid[-1, :5] = True  # the last row's slots all lie in the first split
             ref = K.attention_decode(q, k, v, valid, scale=D**-0.5, backend="reference")
+            A.TRITON_DECODE_MERGE_CHUNK = MERGE_CHUNK.get(name, default_chunk)
             tri = K.attention_decode(q, k, v, valid, scale=D**-0.5, backend="triton")
+            A.TRITON_DECODE_MERGE_CHUNK = default_chunk
             err = float((tri.double() - ref.double()).norm() / ref.double().norm())
             out[f"{name}-{str(dt).split('.')[-1]}"] = err if bool(torch.isfinite(tri).all()) else float("inf")
     return out
@@ -68,9 +78,11 @@ def test_split_plan_and_cpu_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
     for batch, heads, slots, sms in ((1, 8, 32768, 132), (256, 8, 32768, 132), (3, 2, 100, 8), (1, 1, 5, 132)):
         splits, per = triton_decode_splits(batch, heads, slots, sms)
         assert per % TRITON_DECODE_BLOCK_S == 0 and splits * per >= slots > (splits - 1) * per
-        assert splits == 1 or batch * heads * (splits - 1) < 4 * sms  # no more splits than the GPU needs
-    # batch 1: 66 splits wanted (528 programs over 132 SMs), rounded to whole 64-slot blocks: 64 splits of 512
-    assert triton_decode_splits(1, 8, 32768, 132) == (64, 512)
+        assert splits == 1 or batch * heads * (splits - 1) < 2 * sms  # no more splits than the GPU needs
+        assert splits == 1 or per >= 256  # each split long enough for the pipelined loop
+    # batch 1: 33 splits wanted (264 programs over 132 SMs), rounded to whole 64-slot blocks: 32 splits of 1024
+    assert triton_decode_splits(1, 8, 32768, 132) == (32, 1024)
+    assert triton_decode_splits(1, 8, 4096, 132) == (16, 256)  # a 4K SWA ring: splits of at least 256 slots
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
         resolve_decode_backend("triton", torch.device("cpu"))

@@ -2,7 +2,7 @@
 
 The shipped 15B table merges three H200 runs (README "Decode speed on the H200"): the pieces must come from one run
 only (a table never mixes runs), and a ``RUN:KEY+KEY`` suffix must keep exactly the rows it names (sections,
-``whole@TAG``, ``/LABEL`` filters), so that rows measured on an older decode path cannot leak into the new table's
+``whole@TAG``, ``/LABEL`` and ``/LABEL=BATCH`` filters), so that rows measured on an older decode path cannot leak into the new table's
 validation or engine rows.
 """
 
@@ -49,6 +49,9 @@ def test_select_sections_keeps_only_named_rows() -> None:
     val = md.select_sections(raw, "whole@validation+memory_check/mixed")
     assert [r["tag"] for r in val["whole"]] == ["validation"]
     assert [r["label"] for r in val["memory_check"]] == ["mixed"]
+    raw["whole"].append({"tag": "engine", "label": "all-gdn", "batch": 1115, "step_ms": 9.0})
+    largest = md.select_sections(raw, "whole@engine/all-gdn=1115")  # one batch's row of one placement
+    assert [(r["label"], r["batch"]) for r in largest["whole"]] == [("all-gdn", 1115)]
 
 
 def test_merge_takes_pieces_from_one_run_and_filtered_rows_from_others() -> None:
