@@ -6,6 +6,11 @@ dimensions hold ``M`` rows in all):
 - :func:`linear`: ``x W^T (+ b)``, or ``residual + (x W^T + b)`` with ``residual [..., N]``.
 - :func:`gated_linear`: ``silu(x Wg^T) * (x Wu^T)`` (the gated MLP's gate and up projections).
 
+Both take ``norm_weight`` (project ``rms_norm(x, norm_weight)``), and :func:`linear` with a residual takes
+``next_norm_weight`` (return :class:`NormedRows`: the sum with what that next RMSNorm needs). Handed from one to the
+other on the Triton path, the norm between two projections costs no launch of its own (``FUSE_NORM``); elsewhere it
+is :func:`.norm.rms_norm`, then the projection.
+
 Backends:
 
 - ``"torch"``: ``F.linear`` (cuBLAS on CUDA) and the torch ops for the epilogue, each rounded to the activation
