@@ -255,10 +255,9 @@ def _launch(
     blocks = -(-n // cfg["BN"])
     produce = next_norm_weight is not None and residual is not None and FUSE_NORM
     ws = locks = out  # SPLIT = 1 reads neither (the kernel still takes a pointer for each)
-    if split > 1:  # fp32 partial products (from the graph's pool under capture)
+    if split > 1:  # fp32 partial products (from the graph's pool under capture) and the per-block counters
         ws_shape = (split, blocks, 2 if gated else 1, m, cfg["BN"])
         ws = torch.empty(ws_shape, dtype=torch.float32, device=x2.device)
-    if split > 1:  # the per-block arrival counters
         locks = _split_locks(x2.device, blocks)
     launch: dict[str, Any] = pdl_launch(x2.device)
     if launch and PDL_PREFETCH_LINES:
