@@ -52,7 +52,8 @@ def apply_variant(name: str) -> None:
     """Set the module switches for variant ``name`` (see the module docstring): a PDL setting, then optionally
     ``+tattn`` (attention decode through the Triton split-K kernel instead of SDPA), ``+grouped`` (SDPA with the
     query heads of a KV head as rows: ``sdpa_grouped``), ``+stream`` (streaming cache hints on the GDN/KDA
-    state) and ``+unorm`` (RMSNorm kernels before the projections instead of the projections' norm prologue)."""
+    state) and ``+unorm`` (RMSNorm kernels before the projections instead of the norm folded into the projections around
+    it)."""
     from placement_search.kernels import backend as kb
     from placement_search.kernels import fused_decode as fd
     from placement_search.kernels import projection as kp

@@ -13,6 +13,10 @@ a launch and a round trip of the activation each:
 - ``RESIDUAL``: the output is ``r + x W^T`` (the block's residual add after the mixer's or MLP's output
   projection).
 
+Rounding follows the torch composition: each projection is rounded to the activation dtype, then SiLU, the
+product and the residual add are each rounded again (``_rnd``), so results differ from cuBLAS only by the
+fp32 summation order.
+
 The RMSNorms between them (a block's mixer input and MLP input, the final norm before the LM head: 97 of a 48-layer
 step) need no launch of their own: the projection that adds the residual writes what the next norm needs, and the
 projection after the norm applies it.

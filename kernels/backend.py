@@ -151,8 +151,8 @@ def resolve_decode_backend(backend: str, device: torch.device) -> str:
 
 def uses_triton(x: Tensor, weights: tuple[Tensor, ...] | list[Tensor], backend: str = "auto") -> bool:
     """Whether the skinny Triton projection (and the Triton RMSNorm) takes these tensors under ``backend`` (under
-    ``"auto"``, :func:`.projection.linear` and :func:`.projection.gated_linear` also leave weights under ``SKINNY_MIN_WEIGHT`` elements to cuBLAS); raises for a
-    ``"triton"`` request it cannot serve."""
+    ``"auto"``, :func:`.projection.linear` and :func:`.projection.gated_linear` also leave weights under
+    ``SKINNY_MIN_WEIGHT`` elements to cuBLAS); raises for a ``"triton"`` request it cannot serve."""
     if backend not in LINEAR_OP_BACKENDS:
         raise ValueError(f"unknown linear backend {backend!r}; expected one of {LINEAR_OP_BACKENDS}")
     if backend == "torch":
