@@ -42,6 +42,38 @@ SKINNY_MAX_ROWS = 16
 AUTO_CUDA_TRITON = True
 
 
+#: Arrival counters per device (int32 zeros) for the kernels whose last program to arrive finishes a shared piece of
+#: work (the split-K projections' fixup, the fused GDN/KDA decode step's per-head finish): every launch leaves the
+#: counters it used at zero again (its last program per piece re-arms its counter). Launches on one stream are
+#: serialized (and so are a CUDA graph's kernels and its replays; under programmatic dependent launch a kernel touches
+#: nothing before its predecessor has completed), so one buffer serves every launch on the device; kernels running at
+#: the same time on two streams would need two buffers (none in the runtime: warm-up, capture and replays are
+#: stream-ordered). Buffers are never freed: a captured graph keeps using the address it saw, so a buffer outgrown by
+#: a larger call stays alive (and stays zero) behind its successor.
+ARRIVAL_COUNTERS: dict[torch.device, list[Tensor]] = {}
+#: Counters in a first buffer (64 KiB: the LM head's 131072 columns at BN 8), so that it is rarely outgrown.
+ARRIVAL_COUNTERS_MIN = 1 << 14
+
+
+def arrival_counters(device: torch.device, n: int) -> Tensor:
+    """At least ``n`` zeroed int32 counters on ``device`` (see ``ARRIVAL_COUNTERS``).
+
+    The cached buffer is allocated outside CUDA graph capture (the runtime warms every shape up eagerly first). A
+    first launch needing more counters *inside* a capture gets a buffer of its own instead: ``torch.zeros`` there
+    comes from the graph's pool and its memset becomes a node of the graph, which runs at each replay (so the replays
+    find zeros) but not at capture time, so that buffer would hold garbage for eager launches and is not cached; the
+    graph's pool keeps its memory as long as the graph lives.
+    """
+    bufs = ARRIVAL_COUNTERS.setdefault(device, [])
+    if bufs and bufs[-1].numel() >= n:
+        return bufs[-1]
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.zeros(n, dtype=torch.int32, device=device)
+    size = max(n, ARRIVAL_COUNTERS_MIN, 2 * bufs[-1].numel() if bufs else 0)
+    bufs.append(torch.zeros(size, dtype=torch.int32, device=device))
+    return bufs[-1]
+
+
 @functools.cache
 def triton_available() -> bool:
     """True when triton imports (it does on CPU machines too; its kernels then need the interpreter)."""

@@ -21,7 +21,7 @@ Backends:
   column block's K is split over ``SPLIT`` programs, so that a weight of few column blocks still fills whole
   waves of the GPU's SMs (``N = 5120`` at ``BN = 64`` is 80 programs on the H200's 132); the last program of a
   block to arrive sums the fp32 partials (a per-call workspace) in a fixed order and applies the epilogue, with
-  a per-device counter buffer (``_SPLIT_LOCKS``) that every launch leaves at zero. Deterministic; it differs from
+  a per-device counter buffer (:func:`.backend.arrival_counters`) that every launch leaves at zero. Deterministic; it differs from
   ``SPLIT = 1`` by the fp32 summation order only. On sm_90+ GPUs launched with programmatic dependent launch
   (:func:`.backend.pdl_launch`): a launch may start as the previous kernel's programs exit, and waits for it
   before it reads the activation.
@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backend import SKINNY_MAX_ROWS, pdl_launch, uses_triton
+from .backend import SKINNY_MAX_ROWS, arrival_counters, pdl_launch, uses_triton
 from .norm import rms_norm
 
 
@@ -144,36 +144,6 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-#: Split-K arrival counters per device: int32 zeros, one per column block, that every split-K launch leaves at zero
-#: again (its last program per block re-arms its counter). Launches on one stream are serialized (and so are a CUDA
-#: graph's kernels and its replays), so one buffer serves every launch on the device; launches of split-K kernels
-#: running at the same time on two streams would need two buffers (none in the runtime: warm-up, capture and
-#: replays are stream-ordered). Buffers are never freed: a captured graph keeps using the address it saw, so a
-#: buffer outgrown by a larger call stays alive (and stays zero) behind its successor.
-_SPLIT_LOCKS: dict[torch.device, list[Tensor]] = {}
-#: Counters in a first buffer (64 KiB: the LM head's 131072 columns at BN 8), so that it is rarely outgrown.
-_SPLIT_LOCKS_MIN = 1 << 14
-
-
-def _split_locks(device: torch.device, blocks: int) -> Tensor:
-    """Zeroed counters for ``blocks`` column blocks on ``device`` (see ``_SPLIT_LOCKS``).
-
-    The cached buffer is allocated outside CUDA graph capture (the runtime warms every shape up eagerly first). A
-    first split-K launch *inside* a capture gets a buffer of its own instead: ``torch.zeros`` there comes from the
-    graph's pool and its memset becomes a node of the graph, which runs at each replay (so the replays find zeros)
-    but not at capture time, so that buffer would hold garbage for eager launches and is not cached; the graph's
-    pool keeps its memory as long as the graph lives.
-    """
-    bufs = _SPLIT_LOCKS.setdefault(device, [])
-    if bufs and bufs[-1].numel() >= blocks:
-        return bufs[-1]
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return torch.zeros(blocks, dtype=torch.int32, device=device)
-    size = max(blocks, _SPLIT_LOCKS_MIN, 2 * bufs[-1].numel() if bufs else 0)
-    bufs.append(torch.zeros(size, dtype=torch.int32, device=device))
-    return bufs[-1]
-
-
 #: ``"auto"`` leaves weights smaller than this (elements) to cuBLAS: a 1-8 MB read is launch-bound, where cuBLAS's
 #: split-K kernels beat one program per column block (k/v_proj [1024, 5120]: 8.3 us vs 12.0).
 SKINNY_MIN_WEIGHT = 1 << 22
@@ -258,7 +228,7 @@ def _launch(
     if split > 1:  # fp32 partial products (from the graph's pool under capture) and the per-block counters
         ws_shape = (split, blocks, 2 if gated else 1, m, cfg["BN"])
         ws = torch.empty(ws_shape, dtype=torch.float32, device=x2.device)
-        locks = _split_locks(x2.device, blocks)
+        locks = arrival_counters(x2.device, blocks)
     launch: dict[str, Any] = pdl_launch(x2.device)
     if launch and PDL_PREFETCH_LINES:
         launch["PREFETCH"] = PDL_PREFETCH_LINES

@@ -114,7 +114,7 @@ def _run_all(seed: int) -> dict[str, dict[str, float]]:
     import torch
     import torch.nn.functional as F
 
-    from placement_search.kernels import projection as P
+    from placement_search.kernels.backend import ARRIVAL_COUNTERS, arrival_counters
     from placement_search.kernels.norm import rms_norm
     from placement_search.kernels.projection import gated_linear, linear
 
@@ -145,14 +145,14 @@ def _run_all(seed: int) -> dict[str, dict[str, float]]:
     r = torch.randn(M, N, generator=g).to(dtype)
     y0 = linear(x, w, residual=r, backend="torch")
     y1 = linear(x, w, residual=r, backend="triton", config=cfg)
-    locks = P._split_locks(x.device, 1)
+    locks = arrival_counters(x.device, 1)
     y2 = linear(x, w, residual=r, backend="triton", config=cfg)
     out["split-repeat"] = {
         "rel": float((y2.double() - y0.double()).abs().max() / y0.double().abs().max()),
         "kept": float(
             torch.equal(y1, y2)
-            and P._split_locks(x.device, 1) is locks
-            and len(P._SPLIT_LOCKS[x.device]) == 1
+            and arrival_counters(x.device, 1) is locks
+            and len(ARRIVAL_COUNTERS[x.device]) == 1
             and not bool(locks.any())
         ),
     }
