@@ -13,7 +13,11 @@ as a spread rather than as a difference between variants):
 - any of these with ``+tattn`` (attention decode through the Triton split-K kernel, not SDPA) or ``+grouped``
   (SDPA over the query heads of each KV head as rows, ``sdpa_grouped``), and/or ``+stream`` (streaming cache hints
   on the GDN/KDA recurrent state), and/or ``+unorm`` (the RMSNorms as kernels of their own before the projections,
-  not folded into the projections around them: ``kernels.projection.FUSE_NORM = False``).
+  not folded into the projections around them: ``kernels.projection.FUSE_NORM = False``), and/or ``+gates2`` (KDA's
+  two low-rank gate up-projections as two cuBLAS calls, not one ``linear_pair`` launch:
+  ``evaluators.mixers.PAIRED_GATE_PROJECTIONS = False``), ``+bv<N>`` (``N`` value columns per program of the
+  GDN/KDA state kernels from 16 rows up: ``kernels.fused_decode.BLOCK_V``), ``+oshape`` (the mixers' output
+  projections on the q/k/v tiles, unsplit, as in sessions 6-9: ``kernels.projection.RESIDUAL_TILES_BY_SHAPE``).
 
 Correctness: before each variant's timed replays the recurrent and conv states are restored to one snapshot and
 the step is replayed once; its logits must equal the first variant's bit for bit where the variants run the same
@@ -43,6 +47,7 @@ from placement_search.evaluators import Supernet, mixers_for
 from placement_search.evaluators import throughput as T
 from placement_search.evaluators.cache import AttentionCache
 from placement_search.files import write_json_atomic
+from placement_search.kernels.fused_decode import BLOCK_V as DEFAULT_BLOCK_V
 from placement_search.spec import get_spec
 
 LABELS = {"all-attention": "attention", "all-swa": "sliding_window", "all-gdn": "gdn", "all-kda": "kda"}
@@ -52,24 +57,31 @@ def apply_variant(name: str) -> None:
     """Set the module switches for variant ``name`` (see the module docstring): a PDL setting, then optionally
     ``+tattn`` (attention decode through the Triton split-K kernel instead of SDPA), ``+grouped`` (SDPA with the
     query heads of a KV head as rows: ``sdpa_grouped``), ``+stream`` (streaming cache hints on the GDN/KDA
-    state) and ``+unorm`` (RMSNorm kernels before the projections instead of the norm folded into the projections around
-    it)."""
+    state), ``+unorm`` (RMSNorm kernels before the projections instead of the norm folded into the projections around
+    it), ``+gates2``, ``+bv<N>`` and ``+oshape`` (KDA's gate up-projections as two calls, ``N`` value columns per
+    state program, the output projections on the q/k/v tiles)."""
+    from placement_search.evaluators import mixers as em
     from placement_search.kernels import backend as kb
     from placement_search.kernels import fused_decode as fd
     from placement_search.kernels import projection as kp
 
     head, *extras = name.split("+")
-    unknown = [e for e in extras if e not in ("tattn", "grouped", "stream", "unorm")]
+    bv = [int(e[2:]) for e in extras if e.startswith("bv") and e[2:].isdigit()]
+    unknown = [e for e in extras if e not in ("tattn", "grouped", "stream", "unorm", "gates2", "oshape")
+               and not (e.startswith("bv") and e[2:].isdigit())]  # fmt: skip
     base, _, pf = head.partition("_pf")
     if unknown or (head != "nopdl" and (base not in ("pdl", "pdl_early") or not (pf.isdigit() or pf == ""))):
         raise SystemExit(
             f"unknown variant {name!r}: expected nopdl, pdl or pdl_early (optionally _pf<lines>), "
-            "then optionally +tattn or +grouped, +stream, +unorm"
+            "then optionally +tattn or +grouped, +stream, +unorm, +gates2, +bv<N>, +oshape"
         )
     kb.PDL, kb.PDL_EARLY_TRIGGER, kp.PDL_PREFETCH_LINES = head != "nopdl", base == "pdl_early", int(pf or 0)
     kb.AUTO_CUDA_DECODE_BACKEND = "triton" if "tattn" in extras else "sdpa_grouped" if "grouped" in extras else "sdpa"
     fd.STATE_STREAM_HINTS = "stream" in extras
     kp.FUSE_NORM = "unorm" not in extras
+    em.PAIRED_GATE_PROJECTIONS = "gates2" not in extras
+    kp.RESIDUAL_TILES_BY_SHAPE = "oshape" in extras
+    fd.BLOCK_V = bv[-1] if bv else DEFAULT_BLOCK_V
 
 
 def placement_of(spec, label: str) -> list[str]:

@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
                 backend = "torch" if variant == "torch" else "triton"
                 row: dict[str, Any] = {"shape": name, "N": n, "K": k, "epilogue": epi, "batch": b,
                                        "variant": variant, "config": cfg or (None if variant == "torch" else
-                                       L.skinny_config(n, k, gated)), "bytes": moved}  # fmt: skip
+                                       L.skinny_config(n, k, gated, epi == "residual")), "bytes": moved}  # fmt: skip
                 try:
                     got = call(0, backend, cfg)
                     row["rel_err"] = float((got.float() - refs[0].float()).abs().max() / refs[0].float().abs().max())

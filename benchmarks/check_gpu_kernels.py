@@ -600,6 +600,23 @@ def main(argv: list[str] | None = None) -> int:
                 )
     except Exception as exc:
         chk.error("linear+rms_norm", exc)
+    # ------- KDA's two low-rank gate up-projections in one launch (linear_pair: GROUPED skinny kernel) -------
+    try:
+        r_, n_ = (16, 64) if args.small else (128, 4096)
+        for rows in (1, 16):
+            buf = torch.randn(rows, 3 * n_ + 2 * r_ + 32, device=dev).to(bf)  # as the packed input projection's output
+            fa, ga = buf[:, 3 * n_ : 3 * n_ + r_], buf[:, 3 * n_ + r_ : 3 * n_ + 2 * r_]
+            wp = (torch.randn(2 * n_, r_, device=dev) * r_**-0.5).to(bf)
+            ref = torch.cat([f32(fa) @ f32(wp[:n_]).T, f32(ga) @ f32(wp[n_:]).T], dim=-1)
+            chk.record(
+                "linear_pair",
+                "skinny Triton, GROUPED (KDA f_b | g_b)",
+                f"x[{rows},{r_}] x2 W[{2 * n_},{r_}]",
+                {"y": (K.linear_pair(fa, ga, wp, n_), ref)},
+                timed(lambda fa=fa, ga=ga, wp=wp: K.linear_pair(fa, ga, wp, n_), dev),
+            )
+    except Exception as exc:
+        chk.error("linear_pair", exc)
 
     ok = all(r["pass"] for r in chk.rows)
     chk.flush()

@@ -6,7 +6,9 @@ placement's mixers) at ``--context`` and ``--batch`` with torch.profiler on eage
 the kernels), and groups the CUDA kernel time: matrix-vector products (the weight reads), attention decode,
 GDN/KDA decode, and everything else (norms, RoPE, activations, copies). Next to it: the CUDA-graph step time
 (what the throughput benchmarks measure), the weight bytes and the weight-read time at the copy bandwidth measured
-in the same run.
+in the same run. The skinny projections are also split by their role in the block (``skinny_by_role``: the mixer's
+input and output projections, the MLP's gate/up and down, the LM head; from the trace's launch order), to see
+which of them lose time where batch 16 is slower than batch 1.
 
     python benchmarks/profile_decode_step.py --out results/decode_step_profile_h200.json \\
         --placements all-attention,all-gdn,all-kda,all-swa,mixed --batch 1,16 --context 32768 [--attention-decode triton]
@@ -17,9 +19,11 @@ Writes JSON (machine, versions, command, date, one record per placement) and pri
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from datetime import UTC, datetime
@@ -89,6 +93,7 @@ def profile_one(spec, label: str, context: int, batch: int, device: torch.device
             for _ in range(5):
                 step()
             torch.cuda.synchronize(device)
+    roles = skinny_by_role(prof, 5, spec.num_layers)
     by_kernel: dict[str, float] = defaultdict(float)
     counts: dict[str, int] = defaultdict(int)
     for ev in prof.key_averages():
@@ -108,7 +113,44 @@ def profile_one(spec, label: str, context: int, batch: int, device: torch.device
         "kernels_per_step": sum(counts.values()),
         "by_kind_ms": {k: round(v / 1000, 4) for k, v in sorted(by_kind.items())},
         "top_kernels": [{"name": n[:120], "ms": round(us / 1000, 4), "calls": counts[n]} for n, us in top],
+        "skinny_by_role": roles,
     }  # fmt: skip
+
+
+#: The skinny projections of one block, in launch order: the mixer's packed input projection, its output projection
+#: (+ residual), the MLP's gate/up and its down projection (+ residual); the step's last is the LM head.
+ROLES = ("mixer in", "mixer out", "mlp gate/up", "mlp down")
+
+
+def skinny_by_role(prof, steps: int, layers: int) -> dict[str, dict]:
+    """Per step, the skinny projection kernels' device time by role in the block (``ROLES``, by launch order, with
+    KDA's gate pair where every block has five; the last of a step is the LM head), from the profiler's trace:
+    calls, total and mean microseconds, grid (uniform placements; a mixed one's roles are not told apart)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(path))
+        events = json.loads(path.read_text()).get("traceEvents", [])
+    skinny = sorted((e for e in events if e.get("cat") == "kernel" and e.get("name") == "skinny_linear_kernel"),
+                    key=lambda e: e["ts"])  # fmt: skip
+    per_step = len(skinny) // steps if steps else 0
+    per_layer = (per_step - 1) // layers
+    roles = ROLES
+    if per_layer == len(ROLES) + 1:  # all-KDA: linear_pair after the input projection
+        roles = (ROLES[0], "mixer gates (KDA pair)", *ROLES[1:])
+    elif per_layer != len(ROLES):
+        roles = tuple(f"projection {j} of the block" for j in range(max(per_layer, 1)))
+    out: dict[str, dict] = {}
+    for i, ev in enumerate(skinny[: per_step * steps]):
+        j = i % per_step
+        role = "lm head" if j == per_step - 1 else roles[j % len(roles)]
+        r = out.setdefault(role, {"calls": 0, "us": 0.0, "grid": ev.get("args", {}).get("grid")})
+        r["calls"] += 1
+        r["us"] += float(ev.get("dur", 0.0))
+    for r in out.values():
+        r["mean_us"] = round(r["us"] / r["calls"], 3)
+        r["calls"] //= steps
+        r["us"] = round(r["us"] / steps, 2)
+    return out
 
 
 def add_step_args(ap: argparse.ArgumentParser, placements: str, batch: str) -> None:

@@ -40,6 +40,10 @@ from placement_search.evaluators.cache import AttentionCache, GDNCache, KDACache
 from placement_search.spec import AttentionSpec, GDNSpec, KDASpec, MixerSpec
 
 INIT_STD = 0.02
+#: Whether a KDA decode step on the Triton path runs its two low-rank gate up-projections (``f_b_proj``,
+#: ``g_b_proj``, ``[H*D, D]`` each) as one launch (``K.linear_pair``) instead of two cuBLAS calls. False: two
+#: calls (to compare: ``benchmarks/ab_decode_step.py`` variant ``+gates2``).
+PAIRED_GATE_PROJECTIONS = True
 
 
 class RMSNorm(nn.Module):
@@ -58,20 +62,29 @@ class RMSNorm(nn.Module):
         self.weight.fill_(1.0)
 
 
-def packed_weight(owner: nn.Module, linears: tuple[nn.Linear, ...], x: torch.Tensor) -> torch.Tensor | None:
+def packed_weight(
+    owner: nn.Module,
+    linears: tuple[nn.Linear, ...],
+    x: torch.Tensor,
+    *,
+    key: str = "_decode_pack",
+    min_weight: int | None = None,
+) -> torch.Tensor | None:
     """The weights of ``linears`` stacked into one ``[sum N, K]`` tensor, when the decode step's Triton projection
-    takes ``x`` (CUDA, a few rows, no gradient, no biases); None otherwise.
+    takes ``x`` (CUDA, a few rows, no gradient, no biases) and they hold at least ``min_weight`` elements (default
+    ``K.SKINNY_MIN_WEIGHT``); None otherwise.
 
     Packed on first use: the stacked tensor is allocated, filled, and each parameter's ``data`` becomes its row
-    view, so memory is not doubled. It is kept on ``owner`` (not as a parameter or buffer: the state dict keeps the
-    checkpoint's names) and packed again if a parameter was replaced since (a checkpoint load that assigns).
+    view, so memory is not doubled. It is kept on ``owner`` under ``key`` (not as a parameter or buffer: the state
+    dict keeps the checkpoint's names) and packed again if a parameter was replaced since (a checkpoint load that
+    assigns).
     """
     weights = [lin.weight for lin in linears]
     if any(lin.bias is not None for lin in linears) or not K.linear_uses_triton(x, weights):
         return None
-    if sum(w.numel() for w in weights) < K.SKINNY_MIN_WEIGHT:
+    if sum(w.numel() for w in weights) < (K.SKINNY_MIN_WEIGHT if min_weight is None else min_weight):
         return None
-    packed = owner.__dict__.get("_decode_pack")
+    packed = owner.__dict__.get(key)
     if packed is not None and packed.shape[0] == sum(w.shape[0] for w in weights):
         row, ok = 0, True
         for w in weights:
@@ -86,7 +99,7 @@ def packed_weight(owner: nn.Module, linears: tuple[nn.Linear, ...], x: torch.Ten
         for w in weights:
             w.data = packed[row : row + w.shape[0]]
             row += w.shape[0]
-    owner.__dict__["_decode_pack"] = packed
+    owner.__dict__[key] = packed
     return packed
 
 
@@ -367,6 +380,18 @@ class KDA(nn.Module):
             cache.state.copy_(state)
         return self._out(o, gate)
 
+    def _gate_up(self, fa: torch.Tensor, ga: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``f_b_proj(fa)`` and ``g_b_proj(ga)`` of a decode step: one launch on the Triton path
+        (``K.linear_pair`` over the two weights packed, when ``PAIRED_GATE_PROJECTIONS``), two projections
+        otherwise."""
+        pair = (self.f_b_proj, self.g_b_proj)
+        packed = packed_weight(self, pair, fa, key="_decode_pack_gates", min_weight=0) if PAIRED_GATE_PROJECTIONS else None
+        if packed is None:
+            return K.linear(fa, self.f_b_proj.weight), K.linear(ga, self.g_b_proj.weight)
+        n1 = self.f_b_proj.weight.shape[0]
+        y = K.linear_pair(fa, ga, packed, n1)
+        return y[:, :n1], y[:, n1:]
+
     def step(
         self,
         x: Rows,
@@ -379,8 +404,9 @@ class KDA(nn.Module):
     ) -> Rows:
         inputs = (self.q_proj, self.k_proj, self.v_proj, self.f_a_proj, self.g_a_proj, self.beta_proj)
         q, k, v, fa, ga, beta = _project(self, inputs, x[:, 0], norm)
+        f, gate = self._gate_up(fa, ga)
         o = K.kda_decode_step(
-            q, k, v, K.linear(fa, self.f_b_proj.weight), beta, K.linear(ga, self.g_b_proj.weight),
+            q, k, v, f, beta, gate,
             cache.q_conv, cache.k_conv, cache.v_conv, self.q_conv.weight, self.k_conv.weight, self.v_conv.weight,
             self.A_log, self.dt_bias, self.norm.weight, cache.state,
             norm_eps=self.norm.eps, backend=self.decode_backend,

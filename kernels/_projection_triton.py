@@ -12,6 +12,9 @@ a launch and a round trip of the activation each:
 - ``HAS_BIAS``: ``x W^T + b`` (not with ``GATED``).
 - ``RESIDUAL``: the output is ``r + x W^T`` (the block's residual add after the mixer's or MLP's output
   projection).
+- ``GROUPED``: two products in one launch, ``[x W[:n1]^T | x2 W[n1:]^T]``: the programs of the columns from ``n1``
+  (a multiple of ``BN``) on read their rows from a second input ``x2`` at a fixed offset from ``x`` (KDA's two
+  low-rank gate up-projections, which would otherwise be two small launches of their own).
 
 Rounding follows the torch composition: each projection is rounded to the activation dtype, then SiLU, the
 product and the residual add are each rounded again (``_rnd``), so results differ from cuBLAS only by the
@@ -128,6 +131,9 @@ def skinny_linear_kernel(
     gn_ptr=None,  # [N] the next norm's weight (NORM_OUT only)
     hg_ptr=None, s_hg=0,  # [M, N] round(h * gn), row stride (NORM_OUT only)
     ssp_ptr=None,  # fp32 [cdiv(N, BN), BM] per-column-block row sums of squares of h (NORM_OUT only)
+    GROUPED: tl.constexpr = False,  # columns from n1 on take their rows at x_ptr + x2_off (a second input)
+    n1=0,  # a multiple of BN (GROUPED only)
+    x2_off=0,  # elements from x to the second input, same strides (GROUPED only)
 ):  # fmt: skip
     """``o[:, n0:n0+BN] = epilogue(x @ W[n0:n0+BN].T)`` for ``n0 = program_id(0) * BN``; with ``SPLIT > 1``,
     program ``(pid_n, pid_k)`` sums the ``pid_k``-th of ``SPLIT`` K ranges and the last to arrive reduces; ``NORM``
@@ -141,6 +147,8 @@ def skinny_linear_kernel(
     mm = rm < M
     nm = rn < N
     x_ptrs = x_ptr + rm[:, None] * s_xm + rk[None, :]
+    if GROUPED:
+        x_ptrs += (pid * BN >= n1).to(tl.int64) * x2_off
     w_ptrs = w_ptr + rn.to(tl.int64)[:, None] * s_wn + rk[None, :]
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     if GATED:

@@ -5,6 +5,7 @@ dimensions hold ``M`` rows in all):
 
 - :func:`linear`: ``x W^T (+ b)``, or ``residual + (x W^T + b)`` with ``residual [..., N]``.
 - :func:`gated_linear`: ``silu(x Wg^T) * (x Wu^T)`` (the gated MLP's gate and up projections).
+- :func:`linear_pair`: ``[x1 W[:n1]^T | x2 W[n1:]^T]`` (two small projections of two inputs in one launch).
 
 Both take ``norm_weight`` (project ``rms_norm(x, norm_weight)``), and :func:`linear` with a residual takes
 ``next_norm_weight`` (return :class:`NormedRows`: the sum with what that next RMSNorm needs). Handed from one to the
@@ -79,26 +80,34 @@ FUSE_NORM = True
 #: 16.8 / 16.7; the whole 15B step 1.0-1.5% faster (results/decode_step_profile_splitk_h200.json). False: the
 #: unsplit tiles (to compare).
 SPLIT_K_OUTPUT_PROJECTIONS = True
+#: Which projections get the output projections' tiles: False (the default), every projection that adds a residual
+#: (the mixers' output projections [5120, 4096] and the MLP down projection); True, the rule of sessions 6-9, by
+#: shape (``N <= K``), which left the output projections ([5120, 4096]: N > K) on the q/k/v tiles (to compare:
+#: ``benchmarks/ab_decode_step.py`` variant ``+oshape``).
+RESIDUAL_TILES_BY_SHAPE = False
 
 
-def skinny_config(n: int, k: int, gated: bool) -> dict[str, int]:
-    """Tile sizes and pipeline depth for an ``[N, K]`` weight: ``BN`` output columns per program, ``BK`` per
-    pipeline stage, ``STAGES`` loads in flight, ``SPLIT`` K ranges per column block (1: no split-K; 0: chosen by
-    :func:`split_for` for the device's SM count). Chosen from the sweeps of ``benchmarks/bench_projection.py`` on the
-    H200 (results/projection_kernels_h200.json; split-K: results/projection_splitk_h200.json) at the 15B shapes,
-    batch 1 and 16. ``SPLIT_OVERRIDE`` and ``SPLIT_K_OUTPUT_PROJECTIONS`` change the defaults (benchmarks)."""
-    cfg = _skinny_config(n, k, gated)
+def skinny_config(n: int, k: int, gated: bool, residual: bool = False) -> dict[str, int]:
+    """Tile sizes and pipeline depth for an ``[N, K]`` weight (``residual``: its product is added to the residual
+    stream, as a block's output projections are): ``BN`` output columns per program, ``BK`` per pipeline stage,
+    ``STAGES`` loads in flight, ``SPLIT`` K ranges per column block (1: no split-K; 0: chosen by :func:`split_for`
+    for the device's SM count). Chosen from the sweeps of ``benchmarks/bench_projection.py`` on the H200
+    (results/projection_kernels_h200.json; split-K: results/projection_splitk_h200.json) at the 15B shapes, batch 1
+    and 16. ``SPLIT_OVERRIDE``, ``SPLIT_K_OUTPUT_PROJECTIONS`` and ``RESIDUAL_TILES_BY_SHAPE`` change the defaults
+    (benchmarks)."""
+    cfg = _skinny_config(n, k, gated, residual)
     if SPLIT_OVERRIDE is not None:
         cfg["SPLIT"] = SPLIT_OVERRIDE
     return cfg
 
 
-def _skinny_config(n: int, k: int, gated: bool) -> dict[str, int]:
+def _skinny_config(n: int, k: int, gated: bool, residual: bool) -> dict[str, int]:
     if gated:  # MLP gate + up [14336, 5120] x 2: 76.6 us (cuBLAS + SiLU + product: 83.8)
         return {"BN": 32, "BK": 128, "STAGES": 3, "num_warps": 4, "SPLIT": 1}
     if n >= 65536:  # LM head [131072, 5120]: 306 us (cuBLAS 378)
         return {"BN": 64, "BK": 256, "STAGES": 3, "num_warps": 4, "SPLIT": 1}
-    if n <= 8192 and k <= 16384 and n <= k:  # output projections, MLP down [5120, 4096 / 14336]
+    output = n <= k if RESIDUAL_TILES_BY_SHAPE else residual
+    if n <= 8192 and k <= 16384 and output:  # output projections, MLP down [5120, 4096 / 14336]
         if SPLIT_K_OUTPUT_PROJECTIONS:
             return {"BN": 32, "BK": 128, "STAGES": 4, "num_warps": 4, "SPLIT": 2}
         return {"BN": 64, "BK": 256, "STAGES": 5, "num_warps": 8, "SPLIT": 1}
@@ -193,7 +202,10 @@ def _launch(
     norm_weight: Tensor | None = None,
     norm_eps: float = 0.0,
     next_norm_weight: Tensor | None = None,
+    pair: tuple[int, int] | None = None,
 ) -> Tensor | NormedRows:
+    """One launch of the skinny kernel; ``pair = (n1, x2_off)``: columns from ``n1`` on read the rows at ``x2_off``
+    elements from ``x``'s (``GROUPED``, :func:`linear_pair`)."""
     n, k = w.shape
     w, w2, bias = (None if t is None else t if t.stride(-1) == 1 else t.contiguous() for t in (w, w2, bias))
     rows = x if isinstance(x, NormedRows) else NormedRows(x)
@@ -215,7 +227,7 @@ def _launch(
         if r2.stride(-1) != 1:
             r2 = r2.contiguous()
     gated = w2 is not None
-    cfg = dict(config or skinny_config(n, k, gated))
+    cfg = dict(config or skinny_config(n, k, gated, residual is not None))
     warps = cfg.pop("num_warps", 4)
     split = int(cfg.pop("SPLIT", 1))
     if split < 0:
@@ -235,6 +247,8 @@ def _launch(
     if ss is not None:
         nss = ss.shape[0]
         launch.update(NORM=True, ss_ptr=ss, nss=nss, SSB=1 << max(nss - 1, 0).bit_length(), eps=float(norm_eps))
+    if pair is not None:
+        launch.update(GROUPED=True, n1=pair[0], x2_off=pair[1])
     if produce:
         hg = torch.empty_like(out)
         ssp = torch.empty((blocks, SKINNY_MAX_ROWS), dtype=torch.float32, device=x2.device)
@@ -304,6 +318,63 @@ def linear(
     y = F.linear(_torch_rows(x, norm_weight, norm_eps, backend), weight, bias)
     y = y if res is None else res + y
     return y if next_norm_weight is None else NormedRows(y, next_norm_weight)
+
+
+#: Tiles of :func:`linear_pair` on the Triton path: KDA's ``f_b`` / ``g_b`` ``[4096, 128]`` each, one K step.
+PAIR_CONFIG = {"BN": 32, "BK": 128, "STAGES": 2, "num_warps": 4, "SPLIT": 1}
+
+
+def linear_pair(
+    x1: Tensor,
+    x2: Tensor,
+    weight: Tensor,
+    n1: int,
+    *,
+    backend: str = "auto",
+    config: dict[str, int] | None = None,
+) -> Tensor:
+    """``[x1 W[:n1]^T | x2 W[n1:]^T]``: two projections of two inputs of the same rows, in one launch.
+
+    For two small projections side by side in a decode step (KDA's low-rank gate up-projections ``f_b`` and ``g_b``,
+    ``[4096, 128]`` each, stacked): on the Triton path one launch of the skinny kernel, whose programs of the columns
+    from ``n1`` on read ``x2`` (``GROUPED``), where two cuBLAS calls are two launches that programmatic dependent
+    launch cannot overlap. The Triton path takes it whatever the weight's size (the ``"auto"`` rule of
+    ``SKINNY_MIN_WEIGHT`` is for one projection against one cuBLAS call).
+
+    Args:
+        x1, x2: ``[..., K]`` each, the same shape. On the Triton path two views of one buffer with the same strides
+            (column slices of one projection's output, as KDA's ``f_a`` / ``g_a``) are read in place; other pairs
+            are copied into one buffer first.
+        weight: ``[N, K]``: rows ``:n1`` for ``x1``, the rest for ``x2``.
+        n1: ``0 < n1 < N``.
+        backend, config: as for :func:`linear` (default tiles: ``PAIR_CONFIG``; ``n1`` must be a multiple of their
+            ``BN`` on the Triton path).
+
+    Returns:
+        ``[..., N]`` in ``x1.dtype``, each product rounded to it (as two :func:`linear` calls).
+    """
+    n, k = weight.shape
+    if x1.shape != x2.shape or x1.shape[-1] != k or not 0 < n1 < n:
+        raise ValueError(
+            f"linear_pair needs x1, x2 [..., {k}] of one shape and 0 < n1 < {n}; "
+            f"got {tuple(x1.shape)}, {tuple(x2.shape)}, n1={n1}"
+        )
+    cfg = dict(config or PAIR_CONFIG)
+    if uses_triton(x1, (weight,), backend) and n1 % cfg["BN"] == 0:
+        lead = x1.shape[:-1]
+        a, b = x1.reshape(-1, k), x2.reshape(-1, k)  # views where the strides allow, which is checked next
+        off, rem = divmod(b.data_ptr() - a.data_ptr(), a.element_size())
+        if b.dtype != a.dtype or b.stride() != a.stride() or a.stride(-1) != 1 or rem or not _one_buffer(a, b):
+            both = torch.cat([a, b], dim=-1)
+            a, off = both[:, :k], k
+        y = _launch(a, weight, None, None, None, cfg, pair=(n1, off))
+        return y.view(*lead, n)
+    return torch.cat([F.linear(x1, weight[:n1]), F.linear(x2, weight[n1:])], dim=-1)
+
+
+def _one_buffer(a: Tensor, b: Tensor) -> bool:
+    """Whether ``a`` and ``b`` are views of one allocation (the kernel reads ``b`` at an offset from ``a``)."""
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 def gated_linear(

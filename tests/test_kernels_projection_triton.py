@@ -110,16 +110,39 @@ def _norm_case(g, M, N, K, P_in, dtype, gated, ccfg, pcfg) -> dict[str, float]:
     return {"rel": float((y1.double() - y0.double()).abs().max() / y0.double().abs().max()), "kept": float(kept)}
 
 
+# linear_pair: name: (M, N, n1, K, dtype, inputs as column views of one buffer, config or None for PAIR_CONFIG)
+PAIR_CASES: dict[str, tuple] = {
+    "pair-views-bf16": (3, 96, 64, 128, "bfloat16", True, None),
+    "pair-apart-fp32": (16, 64, 32, 96, "float32", False, {"BN": 32, "BK": 64, "STAGES": 2, "num_warps": 4}),
+    "pair-views-masked-bf16": (5, 128, 32, 80, "bfloat16", True, {"BN": 32, "BK": 32, "STAGES": 2, "num_warps": 4}),
+}
+
+
 def _run_all(seed: int) -> dict[str, dict[str, float]]:
     import torch
     import torch.nn.functional as F
 
     from placement_search.kernels.backend import ARRIVAL_COUNTERS, arrival_counters
     from placement_search.kernels.norm import rms_norm
-    from placement_search.kernels.projection import gated_linear, linear
+    from placement_search.kernels.projection import gated_linear, linear, linear_pair
 
     g = torch.Generator().manual_seed(seed)
     out: dict[str, dict[str, float]] = {}
+    for name, (M, N, n1, K, dt, views, cfg) in PAIR_CASES.items():
+        dtype = getattr(torch, dt)
+        if views:  # as KDA's f_a / g_a: neighbouring column slices of one projection's output
+            buf = torch.randn(M, 7 + 2 * K + 5, generator=g).to(dtype)
+            x1, x2 = buf[:, 7 : 7 + K], buf[:, 7 + K : 7 + 2 * K]
+        else:
+            x1, x2 = (torch.randn(M, K, generator=g).to(dtype) for _ in range(2))
+        w = (torch.randn(N, K, generator=g) / K**0.5).to(dtype)
+        y0 = torch.cat([linear(x1, w[:n1], backend="torch"), linear(x2, w[n1:], backend="torch")], dim=-1)
+        y1 = linear_pair(x1, x2, w, n1, backend="triton", config=cfg)
+        y2 = linear_pair(x1[:, None], x2[:, None], w, n1, backend="triton", config=cfg)  # leading dims kept
+        out[name] = {
+            "rel": float((y1.double() - y0.double()).abs().max() / y0.double().abs().max()),
+            "kept": float(y1.dtype == dtype and y1.shape == (M, N) and torch.equal(y2[:, 0], y1)),
+        }
     for name, (M, N, K, dt, epi, strided, cfg) in CASES.items():
         dtype = getattr(torch, dt)
         wide = torch.randn(M, K + (7 if strided else 0), generator=g).to(dtype)
@@ -177,10 +200,14 @@ def interpreted(triton_interpreter) -> dict[str, dict[str, float]]:
     return triton_interpreter(__file__)
 
 
-@pytest.mark.parametrize("case", [*CASES, *NORM_CASES, "split-repeat", "rms_norm-float32", "rms_norm-bfloat16"])
+@pytest.mark.parametrize(
+    "case", [*CASES, *NORM_CASES, *PAIR_CASES, "split-repeat", "rms_norm-float32", "rms_norm-bfloat16"]
+)
 def test_triton_linear_matches_torch(interpreted: dict, case: str) -> None:
     r = interpreted[case]
     dt = CASES[case][3] if case in CASES else REPEAT[3] if case == "split-repeat" else case.split("-")[-1]
+    if case in PAIR_CASES:
+        dt = PAIR_CASES[case][4]
     tol = 1e-6 if dt == "float32" else 2.0**-7
     if case in NORM_CASES:
         # fused norm against the torch composition: each side rounds the normalised operand differently (the
@@ -206,8 +233,10 @@ def test_split_for_fills_waves() -> None:
     assert split_for(64, 4096, 16, sms=4) == 2  # 4 blocks -> 8 programs: two whole waves of 4
     assert split_for(64, 2048, 16, sms=5, min_k=512) == 3  # 12 programs: the first count of two waves of 5
     assert split_for(64, 2048, 16, sms=5, bk=1024, min_k=512) == 2  # 3 or 4 splits of 1024 leave one empty
-    for n, k, gated in ((14336, 5120, True), (131072, 5120, False), (5120, 4096, False), (6144, 5120, False)):
-        assert skinny_config(n, k, gated)["SPLIT"] == 1  # defaults until the H200 sweep picks splits
+    for n, k, gated in ((14336, 5120, True), (131072, 5120, False), (6144, 5120, False), (10304, 5120, False)):
+        assert skinny_config(n, k, gated)["SPLIT"] == 1  # the input projections and the LM head: not split
+    for n, k in ((5120, 4096), (5120, 14336)):  # the output projections and the MLP down projection: split-K tiles
+        assert skinny_config(n, k, False, residual=True) == {"BN": 32, "BK": 128, "STAGES": 4, "num_warps": 4, "SPLIT": 2}
 
 
 def test_linear_backend_resolution() -> None:
@@ -284,6 +313,27 @@ def test_packed_projections_are_views_and_repack(monkeypatch: pytest.MonkeyPatch
         M.packed_weight(att, (att.q_proj, att.k_proj, att.v_proj), x)
     att.q_proj(x).sum().backward()
     assert att.q_proj.weight.grad is not None and not att.q_proj.weight.is_inference()
+    kda = next(b.mixer.mixers["kda"] for b in model.blocks if b.mixer.active == "kda")
+    gates = kda.__dict__["_decode_pack_gates"]  # f_b / g_b packed for K.linear_pair, as row views too
+    assert kda.g_b_proj.weight.data_ptr() == gates[kda.f_b_proj.weight.shape[0]].data_ptr()
+    assert kda.__dict__["_decode_pack"].shape[0] == sum(
+        lin.weight.shape[0] for lin in (kda.q_proj, kda.k_proj, kda.v_proj, kda.f_a_proj, kda.g_a_proj, kda.beta_proj)
+    )
+
+
+def test_linear_pair_checks_its_inputs() -> None:
+    import torch
+
+    from placement_search.kernels.projection import linear_pair
+
+    x = torch.randn(2, 8)
+    w = torch.randn(6, 8)
+    y = linear_pair(x, 2 * x, w, 4)
+    assert torch.allclose(y, torch.cat([x @ w[:4].T, 2 * x @ w[4:].T], dim=-1))
+    with pytest.raises(ValueError, match="0 < n1 < 6"):
+        linear_pair(x, x, w, 6)
+    with pytest.raises(ValueError, match="one shape"):
+        linear_pair(x, torch.randn(3, 8), w, 2)
 
 if __name__ == "__main__":
     print(json.dumps(_run_all(int(sys.argv[1]))))
