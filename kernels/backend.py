@@ -43,8 +43,8 @@ AUTO_CUDA_TRITON = True
 
 
 #: Arrival counters per device (int32 zeros) for the kernels whose last program to arrive finishes a shared piece of
-#: work (the split-K projections' fixup, the fused GDN/KDA decode step's per-head finish): every launch leaves the
-#: counters it used at zero again (its last program per piece re-arms its counter). Launches on one stream are
+#: work (the split-K projections' fixup, :mod:`.projection`): every launch leaves the counters it used at zero again
+#: (its last program per piece re-arms its counter). Launches on one stream are
 #: serialized (and so are a CUDA graph's kernels and its replays; under programmatic dependent launch a kernel touches
 #: nothing before its predecessor has completed), so one buffer serves every launch on the device; kernels running at
 #: the same time on two streams would need two buffers (none in the runtime: warm-up, capture and replays are

@@ -22,8 +22,8 @@ Backends:
   column block's K is split over ``SPLIT`` programs, so that a weight of few column blocks still fills whole
   waves of the GPU's SMs (``N = 5120`` at ``BN = 64`` is 80 programs on the H200's 132); the last program of a
   block to arrive sums the fp32 partials (a per-call workspace) in a fixed order and applies the epilogue, with
-  a per-device counter buffer (:func:`.backend.arrival_counters`) that every launch leaves at zero. Deterministic; it differs from
-  ``SPLIT = 1`` by the fp32 summation order only. On sm_90+ GPUs launched with programmatic dependent launch
+  a per-device counter buffer (:func:`.backend.arrival_counters`) that every launch leaves at zero.
+  Deterministic; it differs from ``SPLIT = 1`` by the fp32 summation order only. On sm_90+ GPUs launched with programmatic dependent launch
   (:func:`.backend.pdl_launch`): a launch may start as the previous kernel's programs exit, and waits for it
   before it reads the activation.
 - ``"auto"``: ``"triton"`` on CUDA for bf16/fp16 with ``M <= SKINNY_MAX_ROWS``, no gradient, unit column
@@ -360,6 +360,8 @@ def linear_pair(
             f"got {tuple(x1.shape)}, {tuple(x2.shape)}, n1={n1}"
         )
     cfg = dict(config or PAIR_CONFIG)
+    if backend == "triton" and n1 % cfg["BN"]:
+        raise ValueError(f"linear_pair on the Triton path needs n1 ({n1}) to be a multiple of BN ({cfg['BN']})")
     if uses_triton(x1, (weight,), backend) and n1 % cfg["BN"] == 0:
         lead = x1.shape[:-1]
         a, b = x1.reshape(-1, k), x2.reshape(-1, k)  # views where the strides allow, which is checked next

@@ -334,6 +334,8 @@ def test_linear_pair_checks_its_inputs() -> None:
         linear_pair(x, x, w, 6)
     with pytest.raises(ValueError, match="one shape"):
         linear_pair(x, torch.randn(3, 8), w, 2)
+    with pytest.raises(ValueError, match=r"n1 \(4\) to be a multiple of BN \(32\)"):
+        linear_pair(x, x, w, 4, backend="triton")
 
 if __name__ == "__main__":
     print(json.dumps(_run_all(int(sys.argv[1]))))
