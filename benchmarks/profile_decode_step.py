@@ -125,7 +125,8 @@ ROLES = ("mixer in", "mixer out", "mlp gate/up", "mlp down")
 def skinny_by_role(prof, steps: int, layers: int) -> dict[str, dict]:
     """Per step, the skinny projection kernels' device time by role in the block (``ROLES``, by launch order, with
     KDA's gate pair where every block has five; the last of a step is the LM head), from the profiler's trace:
-    calls, total and mean microseconds, grid (uniform placements; a mixed one's roles are not told apart)."""
+    calls, total and mean microseconds, grid. Empty where the blocks launch different numbers of projections (a
+    mixed placement with KDA layers), whose roles launch order alone cannot tell apart."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "trace.json"
         prof.export_chrome_trace(str(path))
@@ -133,7 +134,9 @@ def skinny_by_role(prof, steps: int, layers: int) -> dict[str, dict]:
     skinny = sorted((e for e in events if e.get("cat") == "kernel" and e.get("name") == "skinny_linear_kernel"),
                     key=lambda e: e["ts"])  # fmt: skip
     per_step = len(skinny) // steps if steps else 0
-    per_layer = (per_step - 1) // layers
+    per_layer, rest = divmod(per_step - 1, layers)
+    if per_step < 1 or rest:  # blocks launching different numbers of projections (a mixed placement with KDA)
+        return {}
     roles = ROLES
     if per_layer == len(ROLES) + 1:  # all-KDA: linear_pair after the input projection
         roles = (ROLES[0], "mixer gates (KDA pair)", *ROLES[1:])
