@@ -66,9 +66,10 @@ def apply_variant(name: str) -> None:
     from placement_search.kernels import projection as kp
 
     head, *extras = name.split("+")
-    bv = [int(e[2:]) for e in extras if e.startswith("bv") and e[2:].isdigit()]
-    unknown = [e for e in extras if e not in ("tattn", "grouped", "stream", "unorm", "gates2", "oshape")
-               and not (e.startswith("bv") and e[2:].isdigit())]  # fmt: skip
+    is_bv = [e.startswith("bv") and e[2:].isdigit() for e in extras]
+    bv = [int(e[2:]) for e, b in zip(extras, is_bv, strict=True) if b]
+    known = ("tattn", "grouped", "stream", "unorm", "gates2", "oshape")
+    unknown = [e for e, b in zip(extras, is_bv, strict=True) if not b and e not in known]
     base, _, pf = head.partition("_pf")
     if unknown or (head != "nopdl" and (base not in ("pdl", "pdl_early") or not (pf.isdigit() or pf == ""))):
         raise SystemExit(

@@ -66,6 +66,10 @@ def copy_bandwidth(device: torch.device, gib: float = 2.0) -> float:
     return 2 * a.numel() * 2 / statistics.median(times[2:])
 
 
+#: Eager decode steps under the profiler; every figure is per step.
+PROFILED_STEPS = 5
+
+
 def profile_one(spec, label: str, context: int, batch: int, device: torch.device) -> dict:
     names = {"all-attention": "attention", "all-swa": "sliding_window", "all-gdn": "gdn", "all-kda": "kda"}
     if label == "mixed":  # A S G K repeated, as the engine-efficiency benchmark's mixed placement
@@ -90,17 +94,17 @@ def profile_one(spec, label: str, context: int, batch: int, device: torch.device
         captured.close()
         acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
         with torch.profiler.profile(activities=acts) as prof:
-            for _ in range(5):
+            for _ in range(PROFILED_STEPS):
                 step()
             torch.cuda.synchronize(device)
-    roles = skinny_by_role(prof, 5, spec.num_layers)
+    roles = skinny_by_role(prof, PROFILED_STEPS, spec.num_layers)
     by_kernel: dict[str, float] = defaultdict(float)
     counts: dict[str, int] = defaultdict(int)
     for ev in prof.key_averages():
         dev_us = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0.0)
         if dev_us and ev.device_type == torch.autograd.DeviceType.CUDA:
-            by_kernel[ev.key] += dev_us / 5
-            counts[ev.key] += ev.count // 5
+            by_kernel[ev.key] += dev_us / PROFILED_STEPS
+            counts[ev.key] += ev.count // PROFILED_STEPS
     by_kind: dict[str, float] = defaultdict(float)
     for name, us in by_kernel.items():
         by_kind[kind_of(name)] += us
