@@ -16,7 +16,8 @@ as a spread rather than as a difference between variants):
   not folded into the projections around them: ``kernels.projection.FUSE_NORM = False``), and/or ``+gates2`` (KDA's
   two low-rank gate up-projections as two cuBLAS calls, not one ``linear_pair`` launch:
   ``evaluators.mixers.PAIRED_GATE_PROJECTIONS = False``), ``+bv<N>`` (``N`` value columns per program of the
-  GDN/KDA state kernels from 16 rows up: ``kernels.fused_decode.BLOCK_V``), ``+oshape`` (the mixers' output
+  GDN/KDA state kernels from 16 rows up: ``kernels.fused_decode.BLOCK_V``; ``+tb<N>``, ``+ts<N>``, ``+tw<N>``,
+  ``+tp<N>``: the Triton attention decode's tiles, :data:`NUMERIC_KNOBS`), ``+oshape`` (the mixers' output
   projections on the q/k/v tiles, unsplit, as in sessions 6-9: ``kernels.projection.RESIDUAL_TILES_BY_SHAPE``).
 
 Correctness: before each variant's timed replays the recurrent and conv states are restored to one snapshot and
@@ -47,8 +48,20 @@ from placement_search.evaluators import Supernet, mixers_for
 from placement_search.evaluators import throughput as T
 from placement_search.evaluators.cache import AttentionCache
 from placement_search.files import write_json_atomic
-from placement_search.kernels.fused_decode import BLOCK_V as DEFAULT_BLOCK_V
+from placement_search.kernels import fused_decode as _fused_decode
 from placement_search.spec import get_spec
+
+_attention = sys.modules["placement_search.kernels.attention"]  # the module (the package's ``attention`` is the op)
+#: ``+<knob><N>`` sets a module constant for the variant: value columns per GDN/KDA state program (from 16 rows up);
+#: the Triton attention decode's slots per block, blocks in flight, warps and programs per SM.
+NUMERIC_KNOBS = {
+    "bv": (_fused_decode, "BLOCK_V"),
+    "tb": (_attention, "TRITON_DECODE_BLOCK_S"),
+    "ts": (_attention, "TRITON_DECODE_STAGES"),
+    "tw": (_attention, "TRITON_DECODE_WARPS"),
+    "tp": (_attention, "TRITON_DECODE_PROGRAMS_PER_SM"),
+}
+KNOB_DEFAULTS = {knob: getattr(module, attr) for knob, (module, attr) in NUMERIC_KNOBS.items()}
 
 LABELS = {"all-attention": "attention", "all-swa": "sliding_window", "all-gdn": "gdn", "all-kda": "kda"}
 
@@ -58,23 +71,27 @@ def apply_variant(name: str) -> None:
     ``+tattn`` (attention decode through the Triton split-K kernel instead of SDPA), ``+grouped`` (SDPA with the
     query heads of a KV head as rows: ``sdpa_grouped``), ``+stream`` (streaming cache hints on the GDN/KDA
     state), ``+unorm`` (RMSNorm kernels before the projections instead of the norm folded into the projections around
-    it), ``+gates2``, ``+bv<N>`` and ``+oshape`` (KDA's gate up-projections as two calls, ``N`` value columns per
-    state program, the output projections on the q/k/v tiles)."""
+    it), ``+gates2`` and ``+oshape`` (KDA's gate up-projections as two calls, the output projections on the q/k/v
+    tiles), and numbers for :data:`NUMERIC_KNOBS` (``+bv32``: 32 value columns per GDN/KDA state program)."""
     from placement_search.evaluators import mixers as em
     from placement_search.kernels import backend as kb
     from placement_search.kernels import fused_decode as fd
     from placement_search.kernels import projection as kp
 
     head, *extras = name.split("+")
-    is_bv = [e.startswith("bv") and e[2:].isdigit() for e in extras]
-    bv = [int(e[2:]) for e, b in zip(extras, is_bv, strict=True) if b]
+    numeric = {}  # +<knob><N>: NUMERIC_KNOBS
+    for e in extras:
+        knob = e.rstrip("0123456789")
+        if knob in NUMERIC_KNOBS and e[len(knob) :].isdigit():
+            numeric[knob] = int(e[len(knob) :])
     known = ("tattn", "grouped", "stream", "unorm", "gates2", "oshape")
-    unknown = [e for e, b in zip(extras, is_bv, strict=True) if not b and e not in known]
+    unknown = [e for e in extras if e not in known and e.rstrip("0123456789") not in numeric]
     base, _, pf = head.partition("_pf")
     if unknown or (head != "nopdl" and (base not in ("pdl", "pdl_early") or not (pf.isdigit() or pf == ""))):
         raise SystemExit(
             f"unknown variant {name!r}: expected nopdl, pdl or pdl_early (optionally _pf<lines>), "
-            "then optionally +tattn or +grouped, +stream, +unorm, +gates2, +bv<N>, +oshape"
+            "then optionally +tattn or +grouped, +stream, +unorm, +gates2, +oshape, "
+            + ", ".join(f"+{k}<N>" for k in NUMERIC_KNOBS)
         )
     kb.PDL, kb.PDL_EARLY_TRIGGER, kp.PDL_PREFETCH_LINES = head != "nopdl", base == "pdl_early", int(pf or 0)
     kb.AUTO_CUDA_DECODE_BACKEND = "triton" if "tattn" in extras else "sdpa_grouped" if "grouped" in extras else "sdpa"
@@ -82,7 +99,8 @@ def apply_variant(name: str) -> None:
     kp.FUSE_NORM = "unorm" not in extras
     em.PAIRED_GATE_PROJECTIONS = "gates2" not in extras
     kp.RESIDUAL_TILES_BY_SHAPE = "oshape" in extras
-    fd.BLOCK_V = bv[-1] if bv else DEFAULT_BLOCK_V
+    for knob, (module, attr) in NUMERIC_KNOBS.items():
+        setattr(module, attr, numeric.get(knob, KNOB_DEFAULTS[knob]))
 
 
 def placement_of(spec, label: str) -> list[str]:

@@ -314,6 +314,24 @@ def main(argv: list[str] | None = None) -> int:
                 {"o": (out_t, ref)},
                 ms_t,
             )
+            # the same given the rows' lengths (the valid slots are a prefix): NaN past each length, so that any
+            # read of a slot past it would show in the output
+            lengths = valid.sum(1).to(torch.int32)
+            kn, vn = (c.masked_fill(~valid[:, :, None, None], float("nan")) for c in (kc, vc))
+            out_l = K.attention_decode(qd, kn, vn, valid, scale=scale, backend="triton", lengths=lengths)
+            ms_l = timed(
+                lambda qd=qd, kn=kn, vn=vn, valid=valid, lengths=lengths: K.attention_decode(
+                    qd, kn, vn, valid, scale=scale, backend="triton", lengths=lengths
+                ),
+                dev,
+            )
+            chk.record(
+                "attention_decode",
+                f"triton: split-K flash decoding, rows' lengths, NaN past them ({label})",
+                f"q[{BD},1,{H},{D}] cache[{BD},{cache_len},{HKV},{D}]",
+                {"o": (out_l, ref)},
+                ms_l,
+            )
             chk.record(
                 "attention_decode",
                 f"sdpa: SDPA enable_gqa bool mask ({label})",

@@ -156,7 +156,7 @@ def analyze(raw: dict[str, Any], spec: ModelSpec) -> dict[str, Any]:
 def print_report(res: dict[str, Any]) -> None:
     print(f"\nEngine efficiency (copy bandwidth {res['copy_gbps']:.0f} GB/s read+write, "
           f"matmul {res['matmul_tflops']:.0f} TFLOP/s)")
-    print(f"{'placement':>16} {'B':>5} {'step ms':>9} {'tok/s':>10} {'GB moved':>9} {'GB/s':>7} {'%copy':>6} "
+    print(f"{'placement':>16} {'ctx':>6} {'B':>5} {'step ms':>9} {'tok/s':>10} {'GB moved':>9} {'GB/s':>7} {'%copy':>6} "
           f"{'floor ms':>9} {'phases ms':>9}  target")
     for r in res["rows"]:
         frac = r["fraction_of_copy"]
@@ -166,7 +166,7 @@ def print_report(res: dict[str, Any]) -> None:
             verdict = ("n/a " if met is None else "MET " if met else "MISS ") + r["target"]
             if "batch1_ratio" in r:
                 verdict += f" ({r['batch1_ratio']:.2f}x, weight read {r['weight_read_ms']:.2f} ms)"
-        print(f"{r['label'] or r['placement'][:16]:>16} {r['batch']:>5} {r['step_ms']:>9.3f} {r['tokens_per_s']:>10.1f} "
+        print(f"{r['label'] or r['placement'][:16]:>16} {r['context']:>6} {r['batch']:>5} {r['step_ms']:>9.3f} {r['tokens_per_s']:>10.1f} "
               f"{r['bytes_gb']:>9.2f} {r['achieved_gbps']:>7.0f} {100 * (frac or 0):>5.1f}% {r['floor_ms']:>9.3f} "
               f"{r.get('phase_floor_ms') or float('nan'):>9.3f}  {verdict}")
     if res["kernels"]:

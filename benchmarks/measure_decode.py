@@ -323,7 +323,8 @@ class Campaign:
         from placement_search.evaluators import Supernet, mixers_for
 
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        c = self.engine_context
+        c = self.args.engine_context or self.engine_context
+        fixed = self.args.engine_batches  # given: those batches only, without the memory check's largest batch
         for label, mixers in engine_placements(spec).items():
             if self.args.thin_labels and label not in self.args.thin_labels:
                 continue
@@ -334,22 +335,12 @@ class Campaign:
             try:
                 model = Supernet(spec, mixers_for(spec, [mixers]), device=self.device, dtype=dtype, seed=0).eval()
                 code = Placement(mixers, spec.search_space).code()
-                reserve = T.runtime_reserve_bytes(self.device)
-                predicted = max_batch(spec, mixers, c, self.total_bytes, overheads=OVERHEADS)
-                row: dict[str, Any] = {"label": label, "placement": code, "context": c,
-                                       "budget_bytes": self.total_bytes, "predicted": predicted,
-                                       "reserve_measured_bytes": reserve,
-                                       "weights_allocated_bytes": torch.cuda.memory_allocated(self.device)
-                                       if self.device.type == "cuda" else None}
-                if self.device.type == "cuda":
-                    actual, probes = T.largest_batch(model, mixers, c, predicted)
+                if fixed:
+                    actual, batches = None, sorted(fixed)
                 else:
-                    actual, probes = self.cap(predicted), []
-                row.update(actual=actual, probes=probes)
-                self.raw["memory_check"].append(row)
-                err = (predicted - actual) / max(actual, 1) * 100
-                self.log(f"memory {label:>20}: predicted {predicted}, allocation fails above {actual} ({err:+.1f}%)")
-                for b in sorted({1, 16, actual} if actual >= 16 else {1, actual}):
+                    actual = self.memory_check(model, label, code, mixers, c)
+                    batches = sorted({1, 16, actual} if actual >= 16 else {1, actual})
+                for b in batches:
                     if b < 1 or not self.guard(f"engine {label} B={b}", 20):
                         continue
                     # The largest batch that allocates leaves no room for the step's workspace and CUDA graph
@@ -384,6 +375,27 @@ class Campaign:
             finally:
                 del model
                 T.free_memory(self.device)
+
+    def memory_check(self, model, label: str, code: str, mixers: list[str], c: int) -> int:  # type: ignore[no-untyped-def]
+        """The largest batch of ``model`` at context ``c`` that allocates, against the memory model's prediction
+        (a ``memory_check`` row)."""
+        torch, T, spec = self.torch, self.T, self.spec
+        reserve = T.runtime_reserve_bytes(self.device)
+        predicted = max_batch(spec, mixers, c, self.total_bytes, overheads=OVERHEADS)
+        row: dict[str, Any] = {"label": label, "placement": code, "context": c,
+                               "budget_bytes": self.total_bytes, "predicted": predicted,
+                               "reserve_measured_bytes": reserve,
+                               "weights_allocated_bytes": torch.cuda.memory_allocated(self.device)
+                               if self.device.type == "cuda" else None}  # fmt: skip
+        if self.device.type == "cuda":
+            actual, probes = T.largest_batch(model, mixers, c, predicted)
+        else:
+            actual, probes = self.cap(predicted), []
+        row.update(actual=actual, probes=probes)
+        self.raw["memory_check"].append(row)
+        err = (predicted - actual) / max(actual, 1) * 100
+        self.log(f"memory {label:>20}: predicted {predicted}, allocation fails above {actual} ({err:+.1f}%)")
+        return actual
 
     # -- 5. validation on the resident supernet -------------------------------------------------
 
@@ -571,6 +583,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--attention-decode", choices=("sdpa", "sdpa_grouped", "triton"), default=None,
                     help="decode attention kernel of every model built here (default: the runtime's auto, sdpa)")
     ap.add_argument("--thin-labels", default="", help="comma list of engine placements for 'thin' (default all)")
+    ap.add_argument("--engine-context", type=int, default=None,
+                    help=f"context of the 'thin' section's engine steps (default {ENGINE_CONTEXT})")
+    ap.add_argument("--engine-batches", default="",
+                    help="comma list: 'thin' measures only these batches, without the memory check (default: the "
+                         "memory check, then batch 1, 16 and the largest that fits)")  # fmt: skip
     ap.add_argument("--prefill-labels", default="", help="comma list of engine placements for 'prefill'")
     ap.add_argument("--build-from", default=None,
                     help="only build the table + analyses from these raw JSON files (comma list; merged)")
@@ -578,6 +595,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     args.sections = set(args.sections.split(","))
     args.thin_labels = set(filter(None, args.thin_labels.split(",")))
+    args.engine_batches = [int(b) for b in args.engine_batches.split(",") if b]
     args.prefill_labels = set(filter(None, args.prefill_labels.split(",")))
     out = Path(args.out)
     if args.build_from:

@@ -96,6 +96,7 @@ class StepContext:
         self._slot: dict[tuple[int, bool], torch.Tensor] = {}
         self._valid: dict[int, torch.Tensor] = {}
         self._bias: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+        self._lengths: dict[int, torch.Tensor] = {}
 
     @property
     def rows(self) -> torch.Tensor:
@@ -130,6 +131,13 @@ class StepContext:
         if key not in self._bias:
             self._bias[key] = K.decode_bias(self.valid(cache), dtype)
         return self._bias[key]
+
+    def lengths(self, cache: AttentionCache) -> torch.Tensor:
+        """int32 ``[B]``: how many slots of ``cache`` are valid, the first ones (:meth:`valid` as a prefix;
+        :func:`~placement_search.kernels.decode_lengths`)."""
+        if cache.size not in self._lengths:
+            self._lengths[cache.size] = K.decode_lengths(self.pos, cache.size)
+        return self._lengths[cache.size]
 
 
 def layer_cache(

@@ -687,6 +687,19 @@ def context_independent(spec: ModelSpec, mixer: str, contexts: Sequence[int]) ->
     return len(sizes) == 1
 
 
+def _context_checks(by_ctx: Mapping[int, Curve], reference: int) -> dict[str, Any]:
+    """For a context-independent mixer: each other context's measured points as relative deviations from the
+    ``reference`` context's curve at the same batches (inside its grid)."""
+    ref = by_ctx[reference]
+    out: dict[str, Any] = {}
+    for c, curve in sorted(by_ctx.items()):
+        pts = [(b, ms) for b, ms in zip(curve.batches, curve.ms, strict=True) if c != reference and b <= ref.batches[-1]]
+        if pts:
+            out[str(c)] = {"reference_context": reference, "batches": [b for b, _ in pts],
+                           "deviation": [round(ms / ref.at(b) - 1, 4) for b, ms in pts]}  # fmt: skip
+    return out
+
+
 def smooth_curve(curve: Curve, from_batch: int) -> Curve:
     """``curve`` with its points at batches >= ``from_batch`` moved onto their least-squares line.
 
@@ -727,8 +740,11 @@ def build_table(
     """A :class:`CostTable` from the raw output of ``benchmarks/measure_decode.py``.
 
     ``raw["pieces"]`` rows: ``{"kind": "layer"|"shared"|"head", "mixer", "context", "batch", "ms"}`` (per block
-    for layer/shared, per step for the head). A context-independent mixer (:func:`context_independent`) may be
-    measured at one context only; its curve then serves every context (``measured_at`` says where from).
+    for layer/shared, per step for the head). A context-independent mixer (:func:`context_independent`) has one
+    curve, its fullest measured grid, at every context (``measured_at_context`` says where from); its points
+    measured at other contexts (``measure_decode.py`` times a few batches at the grid's ends) are checks of that
+    independence, reported in ``context_checks`` as their relative deviation from the curve, not curves of their own
+    (a check point off by a measurement artefact would otherwise be interpolated across the whole batch range).
     ``raw["whole"]`` rows tagged ``"validation"`` fit the regression variant, grouped by condition.
     ``smooth_from[mixer] = B0``: that mixer's points at batches >= ``B0`` are replaced by their least-squares
     line (for a mixer whose measured cost alternates between levels from one batch to the next, the line is the
@@ -742,6 +758,7 @@ def build_table(
         raise CostModelError(f"{source}: raw measurements hold no head or shared-layer pieces")
     layers: dict[str, dict[int, Curve]] = {}
     measured_at: dict[str, dict[str, int]] = {}
+    context_checks: dict[str, dict[str, Any]] = {}
     for m in spec.mixer_names:
         rows = [r for r in pieces if r["kind"] == "layer" and r["mixer"] == m]
         by_ctx: dict[int, Curve] = {}
@@ -752,11 +769,16 @@ def build_table(
         layers[m] = {}
         measured_at[m] = {}
         independent = context_independent(spec, m, list(contexts) + list(by_ctx))
+        fullest = max(by_ctx, key=lambda k: len(by_ctx[k].batches))  # the first of the fullest measured grids
+        if independent:
+            checks = _context_checks(by_ctx, fullest)
+            if checks:
+                context_checks[m] = checks
         for c in contexts:
-            if c in by_ctx:
+            if independent:  # points measured at other contexts check the independence; they are not the curve
+                src = fullest
+            elif c in by_ctx:
                 src = c
-            elif independent:
-                src = max(by_ctx, key=lambda k: len(by_ctx[k].batches))  # the fullest measured grid
             else:
                 raise CostModelError(f"{source}: mixer {m!r} depends on the context and was not measured at {c}")
             curve = by_ctx[src]
@@ -811,6 +833,7 @@ def build_table(
     prov["built_from"] = source
     extra = {
         "measured_at_context": measured_at,
+        "context_checks": context_checks,
         "smoothed": {m: {"from_batch": b0, "how": "least-squares line through the measured points at batch >= "
                          f"{b0} (measured cost alternates between levels there)"} for m, b0 in (smooth_from or {}).items()},
         "method": "per-block pieces: k distinct decoder blocks (own weights and caches) in one CUDA graph, "

@@ -37,6 +37,7 @@ from torch import nn
 
 from placement_search import kernels as K
 from placement_search.evaluators.cache import AttentionCache, GDNCache, KDACache, StepContext
+from placement_search.kernels.backend import resolve_decode_backend
 from placement_search.spec import AttentionSpec, GDNSpec, KDASpec, MixerSpec
 
 INIT_STD = 0.02
@@ -219,7 +220,10 @@ class Attention(nn.Module):
             q.view(b, s.heads, s.head_size), k.view(b, s.head_groups, s.head_size),
             v.view(b, s.head_groups, s.head_size), cos, sin_signed, cache.k, cache.v, ctx.slot(cache), ctx.rows,
         )  # fmt: skip
-        o = K.attention_decode(q, cache.k, cache.v, ctx.valid(cache), scale=self.scale, bias=ctx.bias(cache, q.dtype))
+        o = K.attention_decode(
+            q, cache.k, cache.v, ctx.valid(cache), scale=self.scale, bias=ctx.bias(cache, q.dtype),
+            lengths=ctx.lengths(cache) if resolve_decode_backend("auto", q.device) == "triton" else None,
+        )  # fmt: skip
         return _out_proj(self.o_proj, o.reshape(b, -1), residual, next_norm)
 
 

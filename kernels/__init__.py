@@ -7,7 +7,7 @@ tensors by the tests in Triton's interpreter). Layout is ``[B, T, H, D]`` throug
 ``[B, H, DK, DV]``. fla is optional and only imported for CUDA tensors (see :mod:`.backend`).
 """
 
-from .attention import attention, attention_decode, causal_window_mask, decode_bias
+from .attention import attention, attention_decode, causal_window_mask, decode_bias, decode_lengths
 from .backend import fla_available
 from .conv import causal_conv1d, causal_conv1d_update
 from .delta_rule import (
@@ -39,6 +39,7 @@ __all__ = [
     "causal_window_mask",
     "chunk_delta_rule",
     "decode_bias",
+    "decode_lengths",
     "delta_rule_step_torch",
     "fla_available",
     "gated_delta_rule",

@@ -3,7 +3,8 @@
 Split-K single-query GQA decode over a static cache (flash-decoding): program ``(b, kv head, split)`` reads its
 share of the cache slots once for all ``G`` query heads of that KV head (padded to ``GP >= 16`` rows for
 ``tl.dot``) through a software-pipelined loop (``STAGES`` blocks of K and V in flight), keeps an online softmax in
-fp32, and writes a partial ``(max, sum, acc)`` for the ``G`` real rows only; a second kernel merges the splits of a
+fp32, and writes a partial ``(max, sum, acc)`` for the ``G`` real rows only (a split with no valid slot writes
+``(-inf, 0, 0)``, which the merge weighs 0); a second kernel merges the splits of a
 ``(b, kv head)`` from whole tiles (``CH`` splits per load, ``GQ >= G`` rows), not one split after another. The
 number of splits is chosen so that ``B * Hkv * splits`` fills the GPU at small batch, which is where one program per
 (sequence, head) leaves most of the memory bandwidth unused, with splits long enough for the pipeline to matter.
@@ -15,7 +16,10 @@ interpreter (whose bf16 ``tl.dot`` returns garbage: Triton 3.9, checked 2026-11-
 upcast after loading; so the CPU tests check the masking, online softmax, splits and merge with bf16 caches, and the
 bf16 tensor-core dots are checked on the GPU (``benchmarks/check_gpu_kernels.py``).
 Masked slots (``valid`` false) get probability 0; a row with no valid slot is left to the caller (NaN, as the
-reference gives).
+reference gives). Where the valid slots are a prefix of each row (the decode caches: slot ``j`` is valid once token
+``j`` is written, :class:`~placement_search.evaluators.cache.AttentionCache`), the split kernel takes the rows'
+lengths instead of the mask (``PREFIX``): nothing past a row's length is read, and no K/V load waits for a mask
+load.
 """
 
 from __future__ import annotations
@@ -36,7 +40,12 @@ def _decode_split_kernel(
     BLOCK_S: tl.constexpr, IEEE: tl.constexpr,
     PDL: tl.constexpr = 0,  # programmatic dependent launch mode (backend.pdl_launch, _pdl_triton.pdl_enter)
     STAGES: tl.constexpr = 1,  # K/V blocks in flight in the slot loop
+    PREFIX: tl.constexpr = False,  # valid_ptr is int32 [B] lengths: the valid slots are the first ones
 ):  # fmt: skip
+    """The partial softmax of split ``program_id(2)`` of KV head ``program_id(1)``, row ``program_id(0)``.
+    ``PREFIX``: the loop stops at the row's length (no slot past it is read) and its loads are masked by position
+    only; otherwise each block's ``valid`` bytes are loaded first and mask the K/V loads (a load that depends on a
+    load)."""
     pdl_enter(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -50,10 +59,15 @@ def _decode_split_kernel(
     acc = tl.zeros([GP, D], tl.float32)
     start = sp * split_len
     stop = tl.minimum(start + split_len, S)
+    if PREFIX:
+        stop = tl.minimum(stop, tl.load(valid_ptr + b))
     for s0 in tl.range(start, stop, BLOCK_S, num_stages=STAGES):
         s = s0 + tl.arange(0, BLOCK_S)
         smask = s < stop
-        ok = tl.load(valid_ptr + b * sval_b + s, mask=smask, other=0) != 0
+        if PREFIX:  # noqa: SIM108 (a constexpr branch: the mask load is not compiled)
+            ok = smask
+        else:
+            ok = tl.load(valid_ptr + b * sval_b + s, mask=smask, other=0) != 0
         k = tl.load(k_ptr + b * sk_b + s[:, None] * sk_s + h * sk_h + d[None, :], mask=ok[:, None], other=0.0)
         v = tl.load(v_ptr + b * sv_b + s[:, None] * sv_s + h * sv_h + d[None, :], mask=ok[:, None], other=0.0)
         if IEEE:  # a constexpr branch: only one of the two dots is compiled

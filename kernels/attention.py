@@ -196,6 +196,7 @@ def attention_decode(
     scale: float,
     backend: str = "auto",
     bias: Tensor | None = None,
+    lengths: Tensor | None = None,
 ) -> Tensor:
     """One query per sequence over a static-size KV cache.
 
@@ -217,6 +218,9 @@ def attention_decode(
         bias: optional additive mask ``[B, 1, 1, S]`` in ``q.dtype``, 0 where ``valid`` and ``-inf`` elsewhere
             (:func:`decode_bias`); the SDPA backends take it as it is instead of converting the boolean mask at
             every call (one conversion per step instead of one per layer); the others use ``valid``.
+        lengths: optional int32 ``[B]``, where ``valid`` is a prefix of each row: ``valid[b, s] == (s < lengths[b])``
+            (the caller's promise, not checked: that would read device values); the ``"triton"`` backend then reads
+            no slot past a row's length and no mask (:func:`decode_lengths`); the others use ``valid``.
 
     Returns:
         ``[B, 1, H, D]`` in q.dtype.
@@ -224,6 +228,8 @@ def attention_decode(
     _check_gqa(q, k_cache, v_cache)
     if q.shape[1] != 1:
         raise ValueError(f"attention_decode takes one query per sequence, got q {tuple(q.shape)}")
+    if lengths is not None and (lengths.shape != (q.shape[0],) or lengths.dtype != torch.int32):
+        raise ValueError(f"lengths must be int32 [{q.shape[0]}], got {lengths.dtype} {tuple(lengths.shape)}")
     mask = valid[:, None, None, :].to(torch.bool)  # [B, 1, 1, S]
     resolved = resolve_decode_backend(backend, q.device)
     if bias is not None and resolved in ("sdpa", "sdpa_grouped"):
@@ -233,7 +239,7 @@ def attention_decode(
     if resolved == "sdpa_grouped":
         return _sdpa_decode_grouped(q, k_cache, v_cache, mask, scale=scale)
     if resolved == "triton":
-        return _triton_decode(q, k_cache, v_cache, valid, scale=scale)
+        return _triton_decode(q, k_cache, v_cache, valid, scale=scale, lengths=lengths)
     return _sdpa(q, k_cache, v_cache, scale=scale, is_causal=False, attn_mask=mask)
 
 
@@ -246,12 +252,14 @@ def decode_bias(valid: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 #: Keys per inner step of the Triton decode kernel; programs per SM the split count aims for; the fewest slots a
-#: split gets (several pipelined steps each); K/V blocks in flight; splits per tile of the merge.
+#: split gets (several pipelined steps each); K/V blocks in flight; splits per tile of the merge; warps per split
+#: program.
 TRITON_DECODE_BLOCK_S = 64
 TRITON_DECODE_PROGRAMS_PER_SM = 2
 TRITON_DECODE_MIN_SPLIT = 256
 TRITON_DECODE_STAGES = 3
 TRITON_DECODE_MERGE_CHUNK = 16
+TRITON_DECODE_WARPS = 4
 
 
 def triton_decode_splits(batch: int, kv_heads: int, slots: int, sms: int) -> tuple[int, int]:
@@ -269,7 +277,16 @@ def triton_decode_splits(batch: int, kv_heads: int, slots: int, sms: int) -> tup
     return cdiv(slots, per), per
 
 
-def _triton_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, valid: Tensor, *, scale: float) -> Tensor:
+def decode_lengths(pos: Tensor, slots: int) -> Tensor:
+    """int32 ``[B]``: the valid slots of a decode cache of ``slots`` slots once token ``pos [B]`` is written, the
+    first ``min(pos + 1, slots)`` (a full cache writes token ``p`` at slot ``p``, a ring at ``p % slots``); the
+    ``lengths`` of :func:`attention_decode`."""
+    return torch.clamp(pos + 1, max=slots).to(torch.int32)
+
+
+def _triton_decode(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, valid: Tensor, *, scale: float, lengths: Tensor | None = None
+) -> Tensor:
     """Split-K Triton decode (:mod:`._attention_decode_triton`); shapes as :func:`attention_decode`."""
     from . import _attention_decode_triton as tri
 
@@ -286,7 +303,12 @@ def _triton_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, valid: Tensor, *
     splits, per = triton_decode_splits(B, Hkv, S, sms)
     gq = 1 << max(G - 1, 0).bit_length()
     gp = max(16, gq)
-    ok = valid.contiguous().view(torch.uint8) if valid.dtype == torch.bool else valid.ne(0).view(torch.uint8)
+    if lengths is not None:
+        ok = lengths
+    elif valid.dtype == torch.bool:
+        ok = valid.contiguous().view(torch.uint8)
+    else:
+        ok = valid.ne(0).view(torch.uint8)
     rows = B * Hkv * splits * G
     m = torch.empty(rows, device=q.device, dtype=torch.float32)
     l_sum = torch.empty(rows, device=q.device, dtype=torch.float32)
@@ -299,7 +321,7 @@ def _triton_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, valid: Tensor, *
         q.stride(0), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), ok.stride(0), float(scale),
         HKV=Hkv, NSPLIT=splits, G=G, GP=gp, D=D, BLOCK_S=TRITON_DECODE_BLOCK_S, IEEE=ieee,
-        STAGES=TRITON_DECODE_STAGES, **pdl,
+        STAGES=TRITON_DECODE_STAGES, PREFIX=lengths is not None, num_warps=TRITON_DECODE_WARPS, **pdl,
     )  # fmt: skip
     ch = min(TRITON_DECODE_MERGE_CHUNK, 1 << max(splits - 1, 0).bit_length())
     tri._decode_merge_kernel[(B, Hkv)](m, l_sum, acc, out, out.stride(0), out.stride(2),

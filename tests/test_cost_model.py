@@ -285,6 +285,16 @@ def test_build_table_from_raw(spec):
     assert t.provenance["command"] == "x"
     CostTable.from_dict(t.to_dict())  # what it writes, it reads
     del raw["pieces"][-2]  # drop one attention point: still fine
+    assert t.extra["context_checks"] == {}  # nothing measured at a second context
+    # check points of an independent mixer at another context (a few batches, 20% off) stay checks: the dense curve
+    # serves every context, and their deviations are reported
+    checks = [{"kind": "layer", "mixer": "gdn", "context": 4096, "batch": b, "ms": layer_cost("gdn", 32768, b) * 1.2}
+              for b in (1, 64)]  # fmt: skip
+    t2 = build_table({**raw, "pieces": raw["pieces"] + checks}, spec, contexts=CONTEXTS)
+    assert t2.layers["gdn"][4096] == t2.layers["gdn"][32768] == t.layers["gdn"][32768]
+    assert t2.extra["measured_at_context"]["gdn"] == {str(c): 32768 for c in CONTEXTS}
+    assert t2.extra["context_checks"]["gdn"]["4096"] == {"reference_context": 32768, "batches": [1, 64],
+                                                        "deviation": [0.2, 0.2]}  # fmt: skip
     broken = {**raw, "pieces": [r for r in pieces if not (r.get("mixer") == "attention" and r.get("context") == 4096)]}
     with pytest.raises(CostModelError, match="'attention' depends on the context and was not measured at 4096"):
         build_table(broken, spec, contexts=CONTEXTS)

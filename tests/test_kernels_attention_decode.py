@@ -5,7 +5,8 @@ tests/test_kernels_fused_decode.py). Cases: grouped query heads (G = 1, 4, 8), s
 of the 64-slot block, several splits (of several pipelined blocks each), a merge over several tiles of splits
 (``g2_chunked_merge``: 8 splits merged 2 at a time), random holes in ``valid`` (the SWA ring buffer and ragged full
 caches), and a row whose only valid slots lie in the first split (later splits are fully masked and must merge as
-empty).
+empty); and each case again with the valid slots a prefix of every row given as ``lengths`` (the decode caches'
+form), with NaN past each length so that any read of a slot past it shows.
 
 Tolerances (norm-wise relative error): fp32 1e-5 (same fp32 math in another summation order; observed ~3e-7).
 bf16 caches 1e-2: the output is rounded to bf16 (2^-8 = 3.9e-3 per element at most, the reference rounds too, so
@@ -55,6 +56,19 @@ def _run_all(seed: int) -> dict[str, float]:
             A.TRITON_DECODE_MERGE_CHUNK = default_chunk
             err = float((tri.double() - ref.double()).norm() / ref.double().norm())
             out[f"{name}-{str(dt).split('.')[-1]}"] = err if bool(torch.isfinite(tri).all()) else float("inf")
+            # the decode caches' prefix form: valid = the first lengths[b] slots, given as lengths (PREFIX). Rows:
+            # the whole cache, one slot, and random lengths; the slots past each length hold NaN, which the kernel
+            # must not read (a read would poison the row's output).
+            lengths = torch.randint(1, S + 1, (B,), generator=g, dtype=torch.int32)
+            lengths[0] = S
+            lengths[-1] = 1 if B > 1 else lengths[-1]
+            prefix = torch.arange(S)[None, :] < lengths[:, None]
+            k_nan = torch.where(prefix[:, :, None, None], k, torch.full_like(k, float("nan")))
+            v_nan = torch.where(prefix[:, :, None, None], v, torch.full_like(v, float("nan")))
+            ref = K.attention_decode(q, k, v, prefix, scale=D**-0.5, backend="reference")
+            tri = K.attention_decode(q, k_nan, v_nan, prefix, scale=D**-0.5, backend="triton", lengths=lengths)
+            err = float((tri.double() - ref.double()).norm() / ref.double().norm())
+            out[f"{name}-prefix-{str(dt).split('.')[-1]}"] = err if bool(torch.isfinite(tri).all()) else float("inf")
     return out
 
 
@@ -67,6 +81,38 @@ def results(triton_interpreter) -> dict[str, float]:
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_triton_decode_matches_reference(results: dict[str, float], case: str, dtype: str) -> None:
     assert results[f"{case}-{dtype}"] <= TOL[dtype], results
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_triton_decode_reads_only_the_prefix(results: dict[str, float], case: str, dtype: str) -> None:
+    """``lengths`` given: the same result as the mask, and no slot past a row's length read (they hold NaN)."""
+    assert results[f"{case}-prefix-{dtype}"] <= TOL[dtype], results
+
+
+def test_decode_lengths_match_the_caches_validity() -> None:
+    import torch
+
+    from placement_search import kernels as K
+    from placement_search.evaluators.cache import AttentionCache
+
+    pos = torch.tensor([0, 5, 9, 40])
+    for size, ring in ((64, False), (8, True)):
+        cache = AttentionCache(torch.zeros(4, size, 1, 2), torch.zeros(4, size, 1, 2), torch.arange(size), ring)
+        lengths = K.decode_lengths(pos, size)
+        assert lengths.dtype == torch.int32
+        assert torch.equal(torch.arange(size)[None, :] < lengths[:, None], cache.valid(pos))
+
+
+def test_triton_decode_checks_lengths() -> None:
+    import torch
+
+    from placement_search import kernels as K
+
+    q, k = torch.zeros(2, 1, 4, 16), torch.zeros(2, 8, 2, 16)
+    valid = torch.ones(2, 8, dtype=torch.bool)
+    with pytest.raises(ValueError, match="lengths must be int32"):
+        K.attention_decode(q, k, k, valid, scale=1.0, backend="triton", lengths=torch.ones(2, dtype=torch.int64))
 
 
 def test_split_plan_and_cpu_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
