@@ -693,7 +693,9 @@ def _context_checks(by_ctx: Mapping[int, Curve], reference: int) -> dict[str, An
     ref = by_ctx[reference]
     out: dict[str, Any] = {}
     for c, curve in sorted(by_ctx.items()):
-        pts = [(b, ms) for b, ms in zip(curve.batches, curve.ms, strict=True) if c != reference and b <= ref.batches[-1]]
+        if c == reference:
+            continue
+        pts = [(b, ms) for b, ms in zip(curve.batches, curve.ms, strict=True) if b <= ref.batches[-1]]
         if pts:
             out[str(c)] = {"reference_context": reference, "batches": [b for b, _ in pts],
                            "deviation": [round(ms / ref.at(b) - 1, 4) for b, ms in pts]}  # fmt: skip
