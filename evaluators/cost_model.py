@@ -771,13 +771,12 @@ def build_table(
         layers[m] = {}
         measured_at[m] = {}
         independent = context_independent(spec, m, list(contexts) + list(by_ctx))
-        fullest = max(by_ctx, key=lambda k: len(by_ctx[k].batches))  # the first of the fullest measured grids
-        if independent:
-            checks = _context_checks(by_ctx, fullest)
-            if checks:
+        if independent:  # one curve, the first of the fullest measured grids; other contexts' points check it
+            fullest = max(by_ctx, key=lambda k: len(by_ctx[k].batches))
+            if checks := _context_checks(by_ctx, fullest):
                 context_checks[m] = checks
         for c in contexts:
-            if independent:  # points measured at other contexts check the independence; they are not the curve
+            if independent:
                 src = fullest
             elif c in by_ctx:
                 src = c
