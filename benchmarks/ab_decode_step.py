@@ -16,7 +16,8 @@ as a spread rather than as a difference between variants):
   not folded into the projections around them: ``kernels.projection.FUSE_NORM = False``), and/or ``+gates2`` (KDA's
   two low-rank gate up-projections as two cuBLAS calls, not one ``linear_pair`` launch:
   ``evaluators.mixers.PAIRED_GATE_PROJECTIONS = False``), ``+bv<N>`` (``N`` value columns per program of the
-  GDN/KDA state kernels from 16 rows up: ``kernels.fused_decode.BLOCK_V``; ``+tb<N>``, ``+ts<N>``, ``+tw<N>``,
+  GDN/KDA state kernels from 16 rows up: ``kernels.fused_decode.BLOCK_V``; ``+pc<N>``: the GDN/KDA conv step as a
+  launch of its own from ``N`` rows up, ``kernels.fused_decode.PRECONV_MIN_ROWS``; ``+tb<N>``, ``+ts<N>``, ``+tw<N>``,
   ``+tp<N>``: the Triton attention decode's tiles, :data:`NUMERIC_KNOBS`), ``+oshape`` (the mixers' output
   projections on the q/k/v tiles, unsplit, as in sessions 6-9: ``kernels.projection.RESIDUAL_TILES_BY_SHAPE``).
 
@@ -53,9 +54,11 @@ from placement_search.spec import get_spec
 
 _attention = sys.modules["placement_search.kernels.attention"]  # the module (the package's ``attention`` is the op)
 #: ``+<knob><N>`` sets a module constant for the variant: value columns per GDN/KDA state program (from 16 rows up);
-#: the Triton attention decode's slots per block, blocks in flight, warps and programs per SM.
+#: the rows from which the GDN/KDA conv step is a launch of its own; the Triton attention decode's slots per block,
+#: blocks in flight, warps and programs per SM.
 NUMERIC_KNOBS = {
     "bv": (_fused_decode, "BLOCK_V"),
+    "pc": (_fused_decode, "PRECONV_MIN_ROWS"),
     "tb": (_attention, "TRITON_DECODE_BLOCK_S"),
     "ts": (_attention, "TRITON_DECODE_STAGES"),
     "tw": (_attention, "TRITON_DECODE_WARPS"),

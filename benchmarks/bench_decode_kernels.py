@@ -11,7 +11,8 @@ activations, fp32 states) and each batch B in {1, 16, 64, 256, 1024}, three impl
   updates the state in place;
 - ``fused_bv<N>`` / ``fused_bv<N>_w<W>``: the fused kernels with N value columns (and W warps) per state program
   instead of the defaults (tuning; 128 columns is one program per head); a ``_cs`` suffix adds streaming cache
-  hints on the state (``fused_decode.STATE_STREAM_HINTS``); ``--variants`` picks any list;
+  hints on the state (``fused_decode.STATE_STREAM_HINTS``), ``_nopc`` / ``_pc`` the conv inside the state kernels
+  / as a launch of its own at every batch (``fused_decode.PRECONV_MIN_ROWS``); ``--variants`` picks any list;
 - ``previous``: the runtime's path before this change: the same torch ops around the public
   ``fused_recurrent_gated_delta_rule`` (fresh fp32 final state, copied back) for GDN, and around
   ``fused_recurrent_kda_fwd(inplace_final_state=True)`` for KDA (unchanged, so KDA's two fla rows coincide).
@@ -139,16 +140,20 @@ def run_variant(kind: str, variant: str, x: dict[str, Any]) -> Any:
     fn = K.gdn_decode_step if kind == "gdn" else K.kda_decode_step
     if variant.startswith("fused"):  # "fused" (defaults), "fused_bv<N>" (N value columns per state program),
         # "fused_bv<N>_w<W>" / "fused_w<W>" (and W warps per state program), "..._cs" (streaming cache hints on
-        # the state: fused_decode.STATE_STREAM_HINTS)
+        # the state: fused_decode.STATE_STREAM_HINTS), "..._nopc" (the conv inside the state kernels at every
+        # batch: fused_decode.PRECONV_MIN_ROWS out of reach), "..._pc" (the conv as a launch of its own at every batch)
         from placement_search.kernels import fused_decode as fd
 
         parts = variant.split("_")[1:]
-        opts = {p.rstrip("0123456789"): int(p.lstrip("bvw")) for p in parts if p != "cs"}
-        before, fd.STATE_STREAM_HINTS = fd.STATE_STREAM_HINTS, "cs" in parts
+        flags = {"cs", "nopc", "pc"}
+        opts = {p.rstrip("0123456789"): int(p.lstrip("bvw")) for p in parts if p not in flags}
+        before = fd.STATE_STREAM_HINTS, fd.PRECONV_MIN_ROWS
+        fd.STATE_STREAM_HINTS = "cs" in parts
+        fd.PRECONV_MIN_ROWS = 1 << 30 if "nopc" in parts else 1 if "pc" in parts else before[1]
         try:
             return fn(**x, norm_eps=1e-5, backend="triton", block_v=opts.get("bv"), num_warps=opts.get("w"))
         finally:
-            fd.STATE_STREAM_HINTS = before
+            fd.STATE_STREAM_HINTS, fd.PRECONV_MIN_ROWS = before
     backend = {"fla_inplace": "fla", "previous": "fla", "torch": "torch"}[variant]
     return fn(**x, norm_eps=1e-5, backend=backend)
 

@@ -15,8 +15,8 @@ Each mixer has two entry points:
 
 GDN and KDA decode through :func:`~placement_search.kernels.gdn_decode_step` /
 :func:`~placement_search.kernels.kda_decode_step`: two fused Triton launches between the projections on CUDA
-(``decode_backend = "auto"``), the torch composition of the same ops on CPU. Set a module's ``decode_backend``
-to ``"torch"``, ``"fla"`` or ``"triton"`` to force a path.
+(three from ``kernels.fused_decode.PRECONV_MIN_ROWS`` rows; ``decode_backend = "auto"``), the torch composition of
+the same ops on CPU. Set a module's ``decode_backend`` to ``"torch"``, ``"fla"`` or ``"triton"`` to force a path.
 
 Decode projections go through :mod:`placement_search.kernels.projection` (the skinny Triton kernel on CUDA for a few
 rows, cuBLAS/CPU otherwise). On that path a mixer's input projections are packed into one ``[sum N, d]`` weight on

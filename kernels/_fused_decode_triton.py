@@ -4,7 +4,8 @@ Kept in a module of its own because ``triton.jit`` decides at decoration time wh
 in Triton's interpreter (``TRITON_INTERPRET=1``, how the CPU tests run them): importing this module only when a
 Triton backend is asked for keeps that choice with the caller and keeps triton out of the CPU runtime's imports.
 
-Each mixer's decode step after the input projections is two launches. The *state* kernel has one program per
+Each mixer's decode step after the input projections is two launches (three from ``PRECONV_MIN_ROWS`` rows: see
+:func:`conv_update_kernel`). The *state* kernel has one program per
 batch row, head and block of ``BV`` value columns: it computes the conv outputs it needs (q and k of its head: the
 whole key dimension; its block of v), the gates, the delta-rule update of its ``[DK, BV]`` fp32 state tile (held in
 registers) and ``o = S^T q`` for its columns. The *finish* kernel (one program per row and head) applies the gated
@@ -119,6 +120,53 @@ def _conv_shift(
 
 
 @triton.jit
+def conv_update_kernel(
+    x0_ptr, x1_ptr, x2_ptr, s_x,  # up to three [B, C] new inputs (the same row stride)
+    cs0_ptr, cs1_ptr, cs2_ptr, s_cs_b, s_cs_c, s_cs_k,  # their conv states [B, C, KW-1] (same strides), in place
+    w0_ptr, w1_ptr, w2_ptr, s_w_c, s_w_k,  # their weights [C, KW] (same strides)
+    y_ptr, s_yt, s_y,  # [T, B, C] outputs: silu(conv) rounded to their dtype, tensor t at y_ptr + t * s_yt
+    B, C,
+    BR: tl.constexpr, BC: tl.constexpr, KW: tl.constexpr,
+    PDL: tl.constexpr = 0,
+):  # fmt: skip
+    """One conv step of rows ``program_id(0) * BR ..``, channels ``program_id(1) * BC ..`` of input
+    ``program_id(2)``: ``y = silu(sum_j w[c, j] * window[c, j])`` with ``window = [state[c, :], x[c]]`` (the fp32
+    sum in tap order), stored; the state shifted. The state kernels' ``PRECONV`` input (KDA's q, k and v in one
+    launch). Each tap is a ``[BR, BC]`` load of its own, so that no lane holds a padded window."""
+    pdl_enter(PDL)
+    t = tl.program_id(2)
+    x_ptr, cs_ptr, w_ptr = x0_ptr, cs0_ptr, w0_ptr
+    if t == 1:
+        x_ptr, cs_ptr, w_ptr = x1_ptr, cs1_ptr, w1_ptr
+    if t == 2:
+        x_ptr, cs_ptr, w_ptr = x2_ptr, cs2_ptr, w2_ptr
+    r = tl.program_id(0) * BR + tl.arange(0, BR)
+    c = tl.program_id(1) * BC + tl.arange(0, BC)
+    m = (r < B)[:, None] & (c < C)[None, :]
+    r64 = r.to(tl.int64)[:, None]
+    st = cs_ptr + r64 * s_cs_b + c[None, :] * s_cs_c
+    acc = tl.zeros((BR, BC), dtype=tl.float32)
+    for j in tl.static_range(KW):
+        if j < KW - 1:
+            xj = tl.load(st + j * s_cs_k, mask=m, other=0.0)
+        else:
+            xj = tl.load(x_ptr + r64 * s_x + c[None, :], mask=m, other=0.0).to(cs_ptr.dtype.element_ty)
+        if j >= 1:  # the window moves left by one: tap j goes where tap j - 1 was
+            tl.store(st + (j - 1) * s_cs_k, xj, mask=m)
+        wj = tl.load(w_ptr + c * s_w_c + j * s_w_k, mask=c < C, other=0.0).to(tl.float32)
+        acc += wj[None, :] * xj.to(tl.float32)
+    y = _rnd(acc * tl.sigmoid(acc), y_ptr.dtype.element_ty)
+    tl.store(y_ptr + t * s_yt + r64 * s_y + c[None, :], y.to(y_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _load_channels(row_ptr, c0, n, BC: tl.constexpr):
+    """Channels ``c0 .. c0 + n`` of a row as fp32 ``[BC]`` (zero past ``n``)."""
+    c = tl.arange(0, BC)
+    return tl.load(row_ptr + c0 + c, mask=c < n, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _l2norm_scale(x, scale, EPS: tl.constexpr):
     """``x * rsqrt(sum(x^2) + EPS) * scale`` in fp32."""
     return x * (1.0 / tl.sqrt(tl.sum(x * x, axis=0) + EPS)) * scale
@@ -181,13 +229,15 @@ def gdn_state_kernel(
     BK: tl.constexpr, BV: tl.constexpr, KW: tl.constexpr, KWP: tl.constexpr, L2_EPS: tl.constexpr,
     PDL: tl.constexpr = 0,  # programmatic dependent launch mode (backend.pdl_launch, _pdl_triton.pdl_enter)
     STREAM: tl.constexpr = False,  # streaming cache hints on the state (fused_decode.STATE_STREAM_HINTS)
+    PRECONV: tl.constexpr = False,  # qkv holds the conv outputs (conv_update_kernel ran): no conv state here
 ):  # fmt: skip
     """The delta-rule step of batch row ``program_id(0)``, value head ``program_id(1)``, value columns
     ``program_id(2) * BV ..`` (a ``[DK, BV]`` tile of the state).
 
     Every program computes its head's q and k from the conv state without writing it (the value heads of a key
     head and the column blocks of a head all read them; :func:`gdn_finish_kernel` shifts them afterwards) and owns
-    its block of v channels, which it shifts here.
+    its block of v channels, which it shifts here. With ``PRECONV`` it reads q, k and v, already convolved, from
+    ``qkv`` (the conv state is not touched).
     """
     DTYPE: tl.constexpr = o_ptr.dtype.element_ty
     pdl_enter(PDL)
@@ -197,16 +247,21 @@ def gdn_state_kernel(
     i_hk = hv // (HV // HK)
     row = qkv_ptr + i_b * s_qkv
     cs = cs_ptr + i_b * s_cs_b
-    q = _conv_silu_update(row, cs, w_ptr, i_hk * DK, DK, s_cs_c, s_cs_k, s_w_c, s_w_k, BK, KW, KWP, DTYPE, False)
-    k = _conv_silu_update(
-        row, cs, w_ptr, HK * DK + i_hk * DK, DK, s_cs_c, s_cs_k, s_w_c, s_w_k, BK, KW, KWP, DTYPE, False
-    )
+    nv = tl.minimum(DV - v0, BV)
+    if PRECONV:
+        q = _load_channels(row, i_hk * DK, DK, BK)
+        k = _load_channels(row, HK * DK + i_hk * DK, DK, BK)
+        v = _load_channels(row, 2 * HK * DK + hv * DV + v0, nv, BV)
+    else:
+        q = _conv_silu_update(row, cs, w_ptr, i_hk * DK, DK, s_cs_c, s_cs_k, s_w_c, s_w_k, BK, KW, KWP, DTYPE, False)
+        k = _conv_silu_update(
+            row, cs, w_ptr, HK * DK + i_hk * DK, DK, s_cs_c, s_cs_k, s_w_c, s_w_k, BK, KW, KWP, DTYPE, False
+        )
+        v = _conv_silu_update(
+            row, cs, w_ptr, 2 * HK * DK + hv * DV + v0, nv, s_cs_c, s_cs_k, s_w_c, s_w_k, BV, KW, KWP, DTYPE
+        )
     q = _l2norm_scale(q, scale, L2_EPS)
     k = _l2norm_scale(k, 1.0, L2_EPS)
-    nv = tl.minimum(DV - v0, BV)
-    v = _conv_silu_update(
-        row, cs, w_ptr, 2 * HK * DK + hv * DV + v0, nv, s_cs_c, s_cs_k, s_w_c, s_w_k, BV, KW, KWP, DTYPE
-    )
     beta = _rnd(tl.sigmoid(tl.load(b_ptr + i_b * s_b + hv).to(tl.float32)), DTYPE)
     a = tl.load(a_ptr + i_b * s_a + hv).to(tl.float32) + tl.load(dtb_ptr + hv).to(tl.float32)
     g = -tl.exp(tl.load(alog_ptr + hv).to(tl.float32)) * _softplus(a)
@@ -230,6 +285,7 @@ def gdn_finish_kernel(
     HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BV: tl.constexpr, BQ: tl.constexpr, KW: tl.constexpr, KWP: tl.constexpr, NORM_EPS: tl.constexpr,
     PDL: tl.constexpr = 0,
+    SHIFT: tl.constexpr = True,  # False after conv_update_kernel (PRECONV): the conv state is already shifted
 ):  # fmt: skip
     """Gated RMSNorm of value head ``program_id(1)`` of row ``program_id(0)``; then this program's share of the
     q/k conv channels shifted (every state program has read them: this kernel runs after)."""
@@ -244,9 +300,10 @@ def gdn_finish_kernel(
     nw = tl.load(nw_ptr + rv, mask=vm, other=0.0).to(tl.float32)
     y = _gated_rmsnorm(o, zg, nw, DV, NORM_EPS, DTYPE)
     tl.store(out_ptr + i_b * s_out + hv * DV + rv, y.to(DTYPE), mask=vm)
-    c0 = hv * QK_PER
-    n = tl.minimum(2 * HK * DK - c0, QK_PER)
-    _conv_shift(qkv_ptr + i_b * s_qkv, cs_ptr + i_b * s_cs_b, c0, n, s_cs_c, s_cs_k, BQ, KW, KWP)
+    if SHIFT:
+        c0 = hv * QK_PER
+        n = tl.minimum(2 * HK * DK - c0, QK_PER)
+        _conv_shift(qkv_ptr + i_b * s_qkv, cs_ptr + i_b * s_cs_b, c0, n, s_cs_c, s_cs_k, BQ, KW, KWP)
 
 
 @triton.jit
@@ -264,10 +321,11 @@ def kda_state_kernel(
     L2_EPS: tl.constexpr,
     PDL: tl.constexpr = 0,
     STREAM: tl.constexpr = False,
+    PRECONV: tl.constexpr = False,  # q, k, v hold the conv outputs (conv_update_kernel ran): no conv states here
 ):  # fmt: skip
     """The KDA step of batch row ``program_id(0)``, head ``program_id(1)``, value columns ``program_id(2) * BV ..``.
     q and k are read from their conv states (shifted later by :func:`kda_finish_kernel`); the v block is owned and
-    shifted here."""
+    shifted here. With ``PRECONV``, q, k and v are read as they are (already convolved)."""
     DTYPE: tl.constexpr = o_ptr.dtype.element_ty
     pdl_enter(PDL)
     i_b = tl.program_id(0).to(tl.int64)
@@ -275,13 +333,18 @@ def kda_state_kernel(
     v0 = tl.program_id(2) * BV
     c0 = i_h * D
     off_cs = i_b * s_cs_b
-    q = _conv_silu_update(q_ptr + i_b * s_q, qcs_ptr + off_cs, qw_ptr, c0, D, s_cs_c, s_cs_k, s_w_c, s_w_k,
-                          BD, KW, KWP, DTYPE, False)  # fmt: skip
-    k = _conv_silu_update(k_ptr + i_b * s_k, kcs_ptr + off_cs, kw_ptr, c0, D, s_cs_c, s_cs_k, s_w_c, s_w_k,
-                          BD, KW, KWP, DTYPE, False)  # fmt: skip
     nv = tl.minimum(D - v0, BV)
-    v = _conv_silu_update(v_ptr + i_b * s_v, vcs_ptr + off_cs, vw_ptr, c0 + v0, nv, s_cs_c, s_cs_k, s_w_c, s_w_k,
-                          BV, KW, KWP, DTYPE)  # fmt: skip
+    if PRECONV:
+        q = _load_channels(q_ptr + i_b * s_q, c0, D, BD)
+        k = _load_channels(k_ptr + i_b * s_k, c0, D, BD)
+        v = _load_channels(v_ptr + i_b * s_v, c0 + v0, nv, BV)
+    else:
+        q = _conv_silu_update(q_ptr + i_b * s_q, qcs_ptr + off_cs, qw_ptr, c0, D, s_cs_c, s_cs_k, s_w_c, s_w_k,
+                              BD, KW, KWP, DTYPE, False)  # fmt: skip
+        k = _conv_silu_update(k_ptr + i_b * s_k, kcs_ptr + off_cs, kw_ptr, c0, D, s_cs_c, s_cs_k, s_w_c, s_w_k,
+                              BD, KW, KWP, DTYPE, False)  # fmt: skip
+        v = _conv_silu_update(v_ptr + i_b * s_v, vcs_ptr + off_cs, vw_ptr, c0 + v0, nv, s_cs_c, s_cs_k, s_w_c,
+                              s_w_k, BV, KW, KWP, DTYPE)  # fmt: skip
     q = _l2norm_scale(q, scale, L2_EPS)
     k = _l2norm_scale(k, 1.0, L2_EPS)
     r = tl.arange(0, BD)
@@ -307,6 +370,7 @@ def kda_finish_kernel(
     out_ptr, s_out,  # [B, H*D]
     D: tl.constexpr, BD: tl.constexpr, KW: tl.constexpr, KWP: tl.constexpr, NORM_EPS: tl.constexpr,
     PDL: tl.constexpr = 0,
+    SHIFT: tl.constexpr = True,  # False after conv_update_kernel (PRECONV): the conv states are already shifted
 ):  # fmt: skip
     """Gated RMSNorm of head ``program_id(1)`` of row ``program_id(0)``; then the head's q/k conv channels shifted."""
     DTYPE: tl.constexpr = out_ptr.dtype.element_ty
@@ -320,5 +384,6 @@ def kda_finish_kernel(
     nw = tl.load(nw_ptr + r, mask=m, other=0.0).to(tl.float32)
     y = _gated_rmsnorm(o, gt, nw, D, NORM_EPS, DTYPE)
     tl.store(out_ptr + i_b * s_out + c0 + r, y.to(DTYPE), mask=m)
-    _conv_shift(q_ptr + i_b * s_q, qcs_ptr + i_b * s_cs_b, c0, D, s_cs_c, s_cs_k, BD, KW, KWP)
-    _conv_shift(k_ptr + i_b * s_k, kcs_ptr + i_b * s_cs_b, c0, D, s_cs_c, s_cs_k, BD, KW, KWP)
+    if SHIFT:
+        _conv_shift(q_ptr + i_b * s_q, qcs_ptr + i_b * s_cs_b, c0, D, s_cs_c, s_cs_k, BD, KW, KWP)
+        _conv_shift(k_ptr + i_b * s_k, kcs_ptr + i_b * s_cs_b, c0, D, s_cs_c, s_cs_k, BD, KW, KWP)

@@ -14,8 +14,11 @@ Backends:
 - ``"fla"``: the same composition with fla's fused-recurrent step for the delta rule (CUDA; the runtime's path
   before the fused kernels).
 - ``"triton"``: two Triton launches (:mod:`._fused_decode_triton`): the state update split over value-column
-  blocks, then the gated norm and the shared q/k conv shift. On CPU tensors only under Triton's
-  interpreter (``TRITON_INTERPRET=1`` set before triton is imported), which is how the tests run it.
+  blocks, then the gated norm and the shared q/k conv shift. From :data:`PRECONV_MIN_ROWS` rows up, three: the
+  conv step of every q/k/v channel first (one launch, KDA's three inputs included), so that the state programs read
+  q, k and v instead of each convolving its own (q and k of a head are shared by all its programs). On CPU tensors
+  only under Triton's interpreter (``TRITON_INTERPRET=1`` set before triton is imported), which is how the tests
+  run it.
 - ``"auto"``: on CUDA :data:`AUTO_CUDA_BACKEND` (``"triton"``, checked and timed on the H200 by
   ``benchmarks/bench_decode_kernels.py``; ``"fla"`` when triton is missing); ``"torch"`` on CPU.
 
@@ -128,6 +131,15 @@ SMALL_BATCH = 16
 #: 8-13% at batch 16 but KDA loses 3-4% at 256-1024, and the whole 15B step moves by under 0.1%
 #: (results/decode_kernels_stream_h200.json, results/decode_step_ab_tattn_stream_h200.json).
 STATE_STREAM_HINTS = False
+#: From this many rows up the conv step runs as a launch of its own (``conv_update_kernel``: conv, SiLU, state shift
+#: over all q/k/v channels at once) and the state kernels read its outputs (``PRECONV``), instead of each state
+#: program convolving its own q, k (shared with the other programs of its head) and v. On the H200 at 15B sizes
+#: (results/decode_step_ab_preconv_h200.json, whole 32K decode step): all-GDN 0.9% faster at 64 rows, 1.7% at 256,
+#: 2.4% at 512, all-KDA 0.1%, 1.0%, 1.5%; at 16 rows 1.0% / 0.6% slower, at 32 even.
+PRECONV_MIN_ROWS = 64
+#: Rows and channels per program of the conv launch (GDN's 6144 channels on the H200: 7.7 us at 64 rows, 15.9 at
+#: 256, 52 at 1024, against 8.7 / 19.9 / 64 for 4 x 256; results/state_kernel_h200.json).
+CONV_ROWS, CONV_BLOCK = 2, 512
 
 
 def _block_v(dv: int, block_v: int | None, batch: int) -> int:
@@ -205,17 +217,19 @@ def gdn_decode_step(
         out = torch.empty_like(o)
         bk, bv, kw = _next_pow2(DK), _block_v(DV, block_v, B), w.shape[1]
         cs_strides = (conv_state.stride(0), conv_state.stride(1), conv_state.stride(2))
+        pre = B >= PRECONV_MIN_ROWS
+        x = _conv_launch(tk, pdl, (qkv,), (conv_state,), (w,))[0] if pre else qkv  # the state kernel's q/k/v input
         tk.gdn_state_kernel[(B, HV, -(-DV // bv))](
-            qkv, qkv.stride(0), b, b.stride(0), a, a.stride(0), conv_state, *cs_strides,
+            x, x.stride(0), b, b.stride(0), a, a.stride(0), conv_state, *cs_strides,
             w, w.stride(0), w.stride(1), A_log, dt_bias, state, o, o.stride(0), scale,
             HK=HK, HV=HV, DK=DK, DV=DV, BK=bk, BV=bv, KW=kw, KWP=_next_pow2(kw), L2_EPS=L2NORM_EPS,
-            STREAM=STATE_STREAM_HINTS, **_launch_kw(bk, bv, num_warps), **pdl,
+            STREAM=STATE_STREAM_HINTS, PRECONV=pre, **_launch_kw(bk, bv, num_warps), **pdl,
         )  # fmt: skip
         qk_per = -(-2 * HK * DK // HV)  # q/k conv channels each finishing program shifts
         tk.gdn_finish_kernel[(B, HV)](
             o, o.stride(0), z, z.stride(0), norm_weight, qkv, qkv.stride(0), conv_state, *cs_strides,
             out, out.stride(0), QK_PER=qk_per, HK=HK, HV=HV, DK=DK, DV=DV, BV=_next_pow2(DV),
-            BQ=_next_pow2(qk_per), KW=kw, KWP=_next_pow2(kw), NORM_EPS=norm_eps, num_warps=4, **pdl,
+            BQ=_next_pow2(qk_per), KW=kw, KWP=_next_pow2(kw), NORM_EPS=norm_eps, num_warps=4, SHIFT=not pre, **pdl,
         )  # fmt: skip
         return out
     y = causal_conv1d_update(qkv, conv_state, w, activation="silu")
@@ -298,16 +312,22 @@ def kda_decode_step(
         bd, bv, kw = _next_pow2(D), _block_v(D, block_v, B), ws[0].shape[1]
         cs0, w0 = css[0], ws[0]
         cs_strides = (cs0.stride(0), cs0.stride(1), cs0.stride(2))
+        pre = B >= PRECONV_MIN_ROWS
+        xs = (q, k, v)
+        if pre:
+            if len({t.stride(0) for t in xs}) > 1:  # one launch takes one row stride
+                xs = tuple(t.contiguous() for t in xs)
+            xs = _conv_launch(tk, pdl, xs, css, tuple(ws))
         tk.kda_state_kernel[(B, H, -(-D // bv))](
-            q, q.stride(0), k, k.stride(0), v, v.stride(0), f, f.stride(0), beta, beta.stride(0),
-            *css, *cs_strides, *ws, w0.stride(0), w0.stride(1), A_log, dt_bias, state, o, o.stride(0), scale,
-            H=H, D=D, BD=bd, BV=bv, KW=kw, KWP=_next_pow2(kw), L2_EPS=L2NORM_EPS, **_launch_kw(bd, bv, num_warps),
-            STREAM=STATE_STREAM_HINTS, **pdl,
+            xs[0], xs[0].stride(0), xs[1], xs[1].stride(0), xs[2], xs[2].stride(0), f, f.stride(0), beta,
+            beta.stride(0), *css, *cs_strides, *ws, w0.stride(0), w0.stride(1), A_log, dt_bias, state, o,
+            o.stride(0), scale, H=H, D=D, BD=bd, BV=bv, KW=kw, KWP=_next_pow2(kw), L2_EPS=L2NORM_EPS,
+            **_launch_kw(bd, bv, num_warps), STREAM=STATE_STREAM_HINTS, PRECONV=pre, **pdl,
         )  # fmt: skip
         tk.kda_finish_kernel[(B, H)](
             o, o.stride(0), gate, gate.stride(0), norm_weight, q, q.stride(0), k, k.stride(0),
             q_conv_state, k_conv_state, *cs_strides, out, out.stride(0),
-            D=D, BD=bd, KW=kw, KWP=_next_pow2(kw), NORM_EPS=norm_eps, num_warps=4, **pdl,
+            D=D, BD=bd, KW=kw, KWP=_next_pow2(kw), NORM_EPS=norm_eps, num_warps=4, SHIFT=not pre, **pdl,
         )  # fmt: skip
         return out
     heads = (B, H, D)
@@ -321,6 +341,23 @@ def kda_decode_step(
     else:
         o = delta_rule_step_torch(qc, kc, vc, g, b, state, scale=scale, use_qk_l2norm=True)
     return (rms_norm(o.to(gate.dtype), norm_weight, norm_eps) * F.silu(gate.view(heads))).flatten(1)
+
+
+def _conv_launch(tk: ModuleType, pdl: dict, xs: tuple[Tensor, ...], states: tuple[Tensor, ...],
+                 weights: tuple[Tensor, ...]) -> Tensor:  # fmt: skip
+    """``silu(conv)`` of each new input ``xs[t] [B, C]`` (one to three, alike in shape and strides, as their conv
+    states ``[B, C, K-1]`` and weights ``[C, K]`` are) into ``y[t]`` of a fresh ``[T, B, C]`` in their dtype, the
+    states shifted in place: one launch (``conv_update_kernel``), the state kernels' ``PRECONV`` input."""
+    (B, C), T = xs[0].shape, len(xs)
+    pad = lambda ts: (*ts, *(ts[0],) * (3 - T))  # noqa: E731 (unused slots: the kernel never reads them)
+    y = torch.empty(T, B, C, dtype=xs[0].dtype, device=xs[0].device)
+    cs, w = states[0], weights[0]
+    tk.conv_update_kernel[(-(-B // CONV_ROWS), -(-C // CONV_BLOCK), T)](
+        *pad(xs), xs[0].stride(0), *pad(states), cs.stride(0), cs.stride(1), cs.stride(2), *pad(weights),
+        w.stride(0), w.stride(1), y, y.stride(0), y.stride(1), B, C, BR=CONV_ROWS, BC=CONV_BLOCK, KW=w.shape[1],
+        num_warps=4, **pdl,
+    )  # fmt: skip
+    return y
 
 
 def _next_pow2(n: int) -> int:
