@@ -68,7 +68,8 @@ def _gdn_case(hk: int, hv: int, dk: int, dv: int, kw: int, bv: int | None, dtype
     return errs
 
 
-def _kda_case(h: int, d: int, kw: int, bv: int | None, dtype: Any, seed: int) -> dict[str, Any]:
+def _kda_case(h: int, d: int, kw: int, bv: int | None, dtype: Any, seed: int, v_pad: int = 0) -> dict[str, Any]:
+    """``v_pad > 0``: v a column slice of a wider tensor, so its row stride differs from q's and k's."""
     import torch
 
     from placement_search.kernels.fused_decode import kda_decode_step
@@ -90,6 +91,8 @@ def _kda_case(h: int, d: int, kw: int, bv: int | None, dtype: Any, seed: int) ->
     errs: dict[str, float] = {"out": 0.0, "state": 0.0, "conv_exact": 1.0}
     for _ in range(STEPS):
         q, k, v, f, gate = (rnd(B, P) for _ in range(5))
+        if v_pad:
+            v = torch.cat([v, rnd(B, v_pad)], dim=1)[:, :P]
         beta = rnd(B, h)
         common = (q, k, v, f, beta, gate)
         ref = kda_decode_step(*common, *convs_ref, *ws, A_log, dt_bias, norm_w, state_ref, norm_eps=1e-5,
@@ -113,7 +116,10 @@ CASES: dict[str, tuple[str, tuple[int | None, ...]]] = {
     "kda": ("kda", (3, 16, 4, 8)),
     "kda_odd_dim": ("kda", (2, 24, 4, 16)),
     "kda_one_block": ("kda", (2, 16, 4, None)),
+    "kda_v_row_stride": ("kda", (2, 16, 4, 8)),
 }
+#: extra keyword arguments of a case
+CASE_KW: dict[str, dict[str, int]] = {"kda_v_row_stride": {"v_pad": 5}}
 
 
 def _run_all(base_seed: int) -> dict[str, dict[str, float]]:
@@ -129,7 +135,7 @@ def _run_all(base_seed: int) -> dict[str, dict[str, float]]:
             for j, dtype in enumerate((torch.float32, torch.bfloat16)):
                 fn = _gdn_case if kind == "gdn" else _kda_case
                 seed = base_seed + 2 * i + j
-                r = fn(*sizes, dtype, seed)  # type: ignore[operator]
+                r = fn(*sizes, dtype, seed, **CASE_KW.get(name, {}))  # type: ignore[operator]
                 results[f"{name}-{str(dtype).split('.')[-1]}-{path}"] = {**r, "seed": seed}
     fd.PRECONV_MIN_ROWS = default
     return results
