@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 import triton
 import triton.language as tl
+from bench_decode_kernels import time_graph
 
 from placement_search.evaluators.throughput import copy_bandwidth_gbps
 from placement_search.files import write_json_atomic
@@ -106,31 +107,6 @@ def launch(variant: str, x: dict[str, torch.Tensor], pdl: dict) -> None:
     )  # fmt: skip
 
 
-def time_graph(fn, replays: int = 40) -> float:
-    """Median ms per replay of ``fn`` captured in a CUDA graph (after a warm-up on a side stream)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    for _ in range(3):
-        graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(replays):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batches", default="64,256,1024")
@@ -150,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         sets = max(2, min(32, (256 << 20) // (batch * HV * DK * DV * 4)))
         xs = [make(batch, dev, gen) for _ in range(sets)]
         for v in args.variants.split(","):
-            us = time_graph(lambda v=v, xs=xs: [launch(v, x, pdl) for x in xs]) / sets * 1e3
+            ms = statistics.median(time_graph(lambda v=v, xs=xs: [launch(v, x, pdl) for x in xs], dev, 40))
+            us = ms / sets * 1e3
             nbytes = batch * C * 2 * 8 if v.startswith("conv") else 2 * batch * HV * DK * DV * 4
             rows.append({"batch": batch, "variant": v, "us": us, "bytes": nbytes,
                          "fraction_of_copy": nbytes / (us * 1e-6) / (copy * 1e9)})  # fmt: skip
