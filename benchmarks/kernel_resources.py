@@ -1,0 +1,172 @@
+#!/usr/bin/env python3
+"""Registers, spills and shared memory of our decode kernels compiled for the H200 (sm_90), on any machine.
+
+Triton compiles a kernel for a target without a GPU (``triton.compile`` with a ``GPUTarget``; ``ptxas`` ships in
+the triton wheel), and ``cuobjdump -res-usage`` (shipped too) reads the cubin's registers per thread and stack
+(spill) bytes. From them and the warps: how many programs one SM holds (65536 registers, allocated per warp in
+units of 256; at most 64 warps, 32 programs and 228 KiB of shared memory an SM). A kernel's occupancy decides how
+many of its state tiles or weight streams are in flight, which is what the decode kernels' speed hangs on: the GDN
+state kernel at 159 registers holds 3 programs an SM, at 203 (session 12's finish behind an arrival counter) 2,
+and was 20-30% slower for it (``results/decode_kernels_ff_h200.json``).
+
+The kernels are compiled as the runtime launches them at Super Apriel 15B sizes (pointers and strides 16-byte
+aligned, as Triton's launcher specialises them; PDL on). The registers come from this machine's Triton, which may
+differ from the GPU machine's by a few (the H200 runs triton 3.6).
+
+    python benchmarks/kernel_resources.py --out results/kernel_resources_sm90.json
+
+Writes JSON (Triton version, date, command, one row per kernel) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the default the runtime's Triton has (3.6)
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from placement_search.files import write_json_atomic
+from placement_search.kernels import _fused_decode_triton as FD
+from placement_search.kernels import _projection_triton as PT
+from placement_search.kernels.projection import skinny_config, split_for
+
+TARGET = GPUTarget("cuda", 90, 32)
+SM_REGS, SM_WARPS, SM_PROGRAMS, SM_SHARED = 65536, 64, 32, 228 * 1024
+#: pointer arguments that are not bf16
+POINTER_TYPES = {"state_ptr": "*fp32", "ws_ptr": "*fp32", "ss_ptr": "*fp32", "ssp_ptr": "*fp32", "lock_ptr": "*i32"}
+FLOAT_ARGS = {"scale", "eps"}
+GDN = {"HK": 8, "HV": 32, "DK": 128, "DV": 128, "KW": 4, "KWP": 4}
+
+
+def _signature(fn: Any, consts: dict[str, Any]) -> tuple[dict[str, str], dict[tuple[int, ...], list]]:
+    """Triton signature of ``fn`` (constexprs from ``consts``, pointers bf16 unless :data:`POINTER_TYPES` says,
+    ``FLOAT_ARGS`` fp32, the rest i32) and the 16-divisibility attributes of its pointers and strides."""
+    sig: dict[str, str] = {}
+    attrs: dict[tuple[int, ...], list] = {}
+    for i, name in enumerate(fn.arg_names):
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = POINTER_TYPES.get(name, "*bf16")
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            sig[name] = "fp32" if name in FLOAT_ARGS else "i32"
+            if name.startswith("s_") and not name.endswith("_k"):  # row strides: multiples of 16 elements here
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, attrs
+
+
+def _cuobjdump() -> str:
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
+
+
+def resources(fn: Any, consts: dict[str, Any], num_warps: int) -> dict[str, int]:
+    """Compile ``fn`` for sm_90 with ``consts`` and read its registers, stack and shared memory."""
+    sig, attrs = _signature(fn, consts)
+    kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs), target=TARGET,
+                            options={"num_warps": num_warps})  # fmt: skip
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        out = subprocess.run([_cuobjdump(), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+)", out)
+    if m is None:
+        raise RuntimeError(f"cuobjdump printed no resource usage for {fn.__name__}: {out[:200]!r}")
+    regs, stack, static_shared = (int(g) for g in m.groups())
+    shared = max(static_shared, int(kernel.metadata.shared))
+    return {"registers": regs, "stack_bytes": stack, "shared_bytes": shared, "num_warps": num_warps,
+            "programs_per_sm": programs_per_sm(regs, num_warps, shared)}  # fmt: skip
+
+
+def programs_per_sm(regs: int, num_warps: int, shared: int) -> int:
+    """Programs of ``num_warps`` warps one sm_90 SM holds at ``regs`` registers a thread and ``shared`` bytes."""
+    per_warp = -(-regs * 32 // 256) * 256
+    by_regs = (SM_REGS // per_warp) // num_warps
+    by_shared = SM_SHARED // (shared + 1024) if shared else SM_PROGRAMS  # 1 KiB reserved per program
+    return min(by_regs, SM_WARPS // num_warps, SM_PROGRAMS, by_shared)
+
+
+def _skinny_consts(gated: bool, residual: bool, norm: bool) -> dict[str, Any]:
+    """``skinny_linear_kernel``'s constexprs for a launch at 16 rows; the arguments that launch leaves unused are
+    ``None`` (constexpr), as the runtime passes them."""
+    consts: dict[str, Any] = {
+        "BM": 16, "GATED": gated, "RESIDUAL": residual, "HAS_BIAS": False, "EVEN_K": True, "UPCAST": False, "PDL": 1,
+        "PREFETCH": 0, "NORM": norm, "SSB": 64, "NORM_OUT": residual, "GROUPED": False, "b_ptr": None, "n1": None,
+        "x2_off": None,
+    }  # fmt: skip
+    unused = []
+    if not gated:
+        unused += ["w2_ptr", "s_w2n"]
+    if not residual:  # the output projections add the residual and write the next norm's inputs (NORM_OUT)
+        unused += ["r_ptr", "s_rm", "gn_ptr", "hg_ptr", "s_hg", "ssp_ptr"]
+    if not norm:
+        unused += ["ss_ptr", "nss", "eps"]
+    return {**consts, **dict.fromkeys(unused)}
+
+
+def cases() -> list[tuple[str, Any, dict[str, Any], int]]:
+    """(name, kernel, constexprs, warps) as the runtime launches them at 15B sizes."""
+    state = {**GDN, "BK": 128, "L2_EPS": 1e-6, "PDL": 1, "STREAM": False}
+    kda = {"H": 32, "D": 128, "BD": 128, "KW": 4, "KWP": 4, "L2_EPS": 1e-6, "PDL": 1, "STREAM": False}
+    out = []
+    for pre in (False, True):
+        for bv in (32, 64):  # below SMALL_BATCH rows / from there
+            tag = f"BV={bv}{', PRECONV' if pre else ''}"
+            out.append((f"gdn_state_kernel {tag}", FD.gdn_state_kernel, {**state, "BV": bv, "PRECONV": pre}, 4))
+            out.append((f"kda_state_kernel {tag}", FD.kda_state_kernel, {**kda, "BV": bv, "PRECONV": pre}, 4))
+    finish = {**GDN, "QK_PER": 64, "BV": 128, "BQ": 64, "NORM_EPS": 1e-5, "PDL": 1}
+    out.append(("gdn_finish_kernel", FD.gdn_finish_kernel, finish, 4))
+    out.append(("kda_finish_kernel", FD.kda_finish_kernel,
+                {"D": 128, "BD": 128, "KW": 4, "KWP": 4, "NORM_EPS": 1e-5, "PDL": 1}, 4))  # fmt: skip
+    out.append(("conv_update_kernel 2 x 512", FD.conv_update_kernel, {"BR": 2, "BC": 512, "KW": 4, "PDL": 1}, 4))
+    for name, (n, k, gated, residual, norm) in (
+        ("GDN in [10304, 5120]", (10304, 5120, False, False, True)),
+        ("o_proj [5120, 4096]", (5120, 4096, False, True, False)),
+        ("gate/up [2 x 14336, 5120]", (14336, 5120, True, False, True)),
+        ("down [5120, 14336]", (5120, 14336, False, True, False)),
+        ("LM head [131072, 5120]", (131072, 5120, False, False, True)),
+    ):
+        cfg = skinny_config(n, k, gated, residual)
+        split = cfg["SPLIT"] or split_for(n, k, cfg["BN"], bk=cfg["BK"])
+        consts = {**_skinny_consts(gated, residual, norm), "BN": cfg["BN"], "BK": cfg["BK"], "STAGES": cfg["STAGES"],
+                  "SPLIT": split}  # fmt: skip
+        label = f"skinny_linear_kernel {name} {cfg['BN']}x{cfg['BK']}x{cfg['STAGES']}, SPLIT {split}"
+        out.append((label, PT.skinny_linear_kernel, consts, cfg["num_warps"]))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=None, help="JSON path (default: print only)")
+    args = ap.parse_args(argv)
+    rows = []
+    print(f"{'kernel':66} {'warps':>5} {'regs':>5} {'stack':>6} {'shared':>7} {'per SM':>6}")
+    for name, fn, consts, warps in cases():
+        r = {"kernel": name, **resources(fn, consts, warps)}
+        rows.append(r)
+        print(f"{name:66} {warps:>5} {r['registers']:>5} {r['stack_bytes']:>6} {r['shared_bytes']:>7} "
+              f"{r['programs_per_sm']:>6}", flush=True)  # fmt: skip
+    if args.out:
+        write_json_atomic(Path(args.out), {
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
+            "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+            "target": "cuda sm_90 (H200), compiled on this machine", "triton": triton.__version__, "rows": rows,
+        })  # fmt: skip
+        print(f"-> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

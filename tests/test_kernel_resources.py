@@ -1,0 +1,46 @@
+"""``benchmarks/kernel_resources.py``: a kernel compiled for sm_90 on this CPU machine, its registers read back, and
+the programs an SM holds at a register count (the H200's limits: 65536 registers allocated per warp in units of 256,
+64 warps, 32 programs, 228 KiB of shared memory)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _module():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import kernel_resources
+
+        return kernel_resources
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+@pytest.mark.parametrize(
+    ("regs", "warps", "shared", "programs"),
+    [
+        (159, 4, 1024, 3),  # GDN state kernel, 64 value columns: 160 x 128 = 20480 registers a program
+        (203, 4, 1024, 2),  # the same with the finish behind an arrival counter (session 12, not kept)
+        (95, 4, 1024, 5),
+        (22, 4, 1024, 16),  # 64 warps an SM
+        (32, 1, 0, 32),  # 32 programs an SM
+        (56, 4, 49152, 4),  # shared memory: 228 KiB / 49 KiB
+    ],
+)
+def test_programs_per_sm(regs: int, warps: int, shared: int, programs: int) -> None:
+    assert _module().programs_per_sm(regs, warps, shared) == programs
+
+
+def test_compiles_for_sm90_and_reads_registers() -> None:
+    """The GDN finish kernel as the runtime launches it, compiled by this machine's Triton and ptxas (no GPU)."""
+    kr = _module()
+    _, fn, consts, warps = next(c for c in kr.cases() if c[0] == "gdn_finish_kernel")
+    r = kr.resources(fn, consts, warps)
+    assert 8 <= r["registers"] <= 255 and r["stack_bytes"] >= 0 and r["num_warps"] == warps
+    assert r["programs_per_sm"] == kr.programs_per_sm(r["registers"], warps, r["shared_bytes"])
