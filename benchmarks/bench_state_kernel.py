@@ -11,8 +11,8 @@ independent input sets to exceed the 50 MB L2, median per step:
   ``PRECONV_MIN_ROWS`` rows, after the conv launch);
 - ``copy_bv<BV>_w<W>``: the same grid and tiles doing nothing but ``S = 0.999 * S`` and a column sum (the bound of
   the tile design: no prologue, no reductions over the key dimension);
-- ``conv_r<R>_c<C>``: ``conv_update_kernel`` (the conv launch from ``PRECONV_MIN_ROWS`` rows) over GDN's 6144 q/k/v
-  channels with ``R`` rows and ``C`` channels per program;
+- ``conv_r<R>_c<C>[_w<W>]``: ``conv_update_kernel`` (the conv launch from ``PRECONV_MIN_ROWS`` rows) over GDN's
+  6144 q/k/v channels with ``R`` rows and ``C`` channels per program (and ``W`` warps, default 4);
 - ``torch_mul``: ``state.mul_(0.999)``, torch's elementwise kernel over the same state bytes.
 
 Bytes: the fp32 state read and written (``conv_*``: the conv input and output, the conv state read and written);
@@ -89,7 +89,7 @@ def launch(variant: str, x: dict[str, torch.Tensor], pdl: dict) -> None:
         return
     o = {p.rstrip("0123456789"): int(p.lstrip("bvwrc")) for p in opts}
     if kind == "conv":
-        fd.CONV_ROWS, fd.CONV_BLOCK = o["r"], o["c"]
+        fd.CONV_ROWS, fd.CONV_BLOCK, fd.CONV_WARPS = o["r"], o["c"], o.get("w", 4)
         fd._conv_launch(F, pdl, (x["qkv"],), (x["conv_state"],), (x["w"],))
         return
     batch = x["state"].shape[0]
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     gen = torch.Generator(dev).manual_seed(0)
     pdl = pdl_launch(dev)
     copy = copy_bandwidth_gbps(dev)
-    conv_default = fd.CONV_ROWS, fd.CONV_BLOCK
+    conv_default = fd.CONV_ROWS, fd.CONV_BLOCK, fd.CONV_WARPS
     rows = []
     for batch in (int(b) for b in args.batches.split(",")):
         sets = max(2, min(32, (256 << 20) // (batch * HV * DK * DV * 4)))
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                          "fraction_of_copy": nbytes / (us * 1e-6) / (copy * 1e9)})  # fmt: skip
             print(f"B={batch:5d} {v:>14} {us:9.2f} us  {rows[-1]['fraction_of_copy']:6.3f} of copy", flush=True)
         del xs
-    fd.CONV_ROWS, fd.CONV_BLOCK = conv_default
+    fd.CONV_ROWS, fd.CONV_BLOCK, fd.CONV_WARPS = conv_default
     write_json_atomic(Path(args.out), {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),

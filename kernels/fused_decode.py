@@ -140,6 +140,9 @@ PRECONV_MIN_ROWS = 64
 #: Rows and channels per program of the conv launch (GDN's 6144 channels on the H200: 7.7 us at 64 rows, 15.9 at
 #: 256, 52 at 1024, against 8.7 / 19.9 / 64 for 4 x 256; results/state_kernel_h200.json).
 CONV_ROWS, CONV_BLOCK = 2, 512
+#: Warps per program of the conv launch (at 2 x 512 and 4 warps: 118 registers a thread, 4 programs an SM;
+#: results/kernel_resources_sm90.json. 8 warps: 64 registers, not yet timed).
+CONV_WARPS = 4
 
 
 def _block_v(dv: int, block_v: int | None, batch: int) -> int:
@@ -355,7 +358,7 @@ def _conv_launch(tk: ModuleType, pdl: dict, xs: tuple[Tensor, ...], states: tupl
     tk.conv_update_kernel[(-(-B // CONV_ROWS), -(-C // CONV_BLOCK), T)](
         *pad(xs), xs[0].stride(0), *pad(states), cs.stride(0), cs.stride(1), cs.stride(2), *pad(weights),
         w.stride(0), w.stride(1), y, y.stride(0), y.stride(1), B, C, BR=CONV_ROWS, BC=CONV_BLOCK, KW=w.shape[1],
-        num_warps=4, **pdl,
+        num_warps=CONV_WARPS, **pdl,
     )  # fmt: skip
     return y
 
