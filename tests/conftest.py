@@ -95,3 +95,23 @@ def triton_interpreter():
         return {"seed": seed, **json.loads(proc.stdout.strip().splitlines()[-1])}
 
     return run
+
+
+@pytest.fixture(scope="session")
+def benchmark_module():
+    """Import a script of ``benchmarks/`` (not a package) by module name, e.g. ``benchmark_module("measure_decode")``;
+    the folder is on ``sys.path`` only for the import (the scripts import their siblings by name)."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    bench = str(Path(__file__).resolve().parents[1] / "benchmarks")
+
+    def load(name: str):
+        sys.path.insert(0, bench)
+        try:
+            return importlib.import_module(name)
+        finally:
+            sys.path.remove(bench)
+
+    return load

@@ -4,22 +4,7 @@ the programs an SM holds at a register count (the H200's limits: 65536 registers
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _module():
-    sys.path.insert(0, str(BENCH))
-    try:
-        import kernel_resources
-
-        return kernel_resources
-    finally:
-        sys.path.remove(str(BENCH))
 
 
 @pytest.mark.parametrize(
@@ -33,13 +18,13 @@ def _module():
         (56, 4, 49152, 4),  # shared memory: 228 KiB / 49 KiB
     ],
 )
-def test_programs_per_sm(regs: int, warps: int, shared: int, programs: int) -> None:
-    assert _module().programs_per_sm(regs, warps, shared) == programs
+def test_programs_per_sm(benchmark_module, regs: int, warps: int, shared: int, programs: int) -> None:
+    assert benchmark_module("kernel_resources").programs_per_sm(regs, warps, shared) == programs
 
 
-def test_compiles_for_sm90_and_reads_registers() -> None:
+def test_compiles_for_sm90_and_reads_registers(benchmark_module) -> None:
     """The GDN finish kernel as the runtime launches it, compiled by this machine's Triton and ptxas (no GPU)."""
-    kr = _module()
+    kr = benchmark_module("kernel_resources")
     _, fn, consts, warps = next(c for c in kr.cases() if c[0] == "gdn_finish_kernel")
     r = kr.resources(fn, consts, warps)
     assert 8 <= r["registers"] <= 255 and r["stack_bytes"] >= 0 and r["num_warps"] == warps

@@ -8,21 +8,6 @@ validation or engine rows.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _module():
-    sys.path.insert(0, str(BENCH))
-    try:
-        import measure_decode
-
-        return measure_decode
-    finally:
-        sys.path.remove(str(BENCH))
-
 
 def _raw(run: str, labels: tuple[str, ...], pieces: bool) -> dict:
     return {
@@ -39,8 +24,8 @@ def _raw(run: str, labels: tuple[str, ...], pieces: bool) -> dict:
     }
 
 
-def test_select_sections_keeps_only_named_rows() -> None:
-    md = _module()
+def test_select_sections_keeps_only_named_rows(benchmark_module) -> None:
+    md = benchmark_module("measure_decode")
     raw = _raw("a", ("all-gdn", "mixed"), pieces=True)
     assert md.select_sections(raw, None) is raw
     only = md.select_sections(raw, "prefill+whole@engine/all-gdn")
@@ -54,8 +39,8 @@ def test_select_sections_keeps_only_named_rows() -> None:
     assert [(r["label"], r["batch"]) for r in largest["whole"]] == [("all-gdn", 1115)]
 
 
-def test_merge_takes_pieces_from_one_run_and_filtered_rows_from_others() -> None:
-    md = _module()
+def test_merge_takes_pieces_from_one_run_and_filtered_rows_from_others(benchmark_module) -> None:
+    md = benchmark_module("measure_decode")
     new = md.select_sections(_raw("new", ("all-attention", "all-gdn"), pieces=True), "pieces+whole@engine/all-attention+whole@validation")
     redo = md.select_sections(_raw("redo", ("all-gdn",), pieces=True), "whole@engine")
     old = md.select_sections(_raw("old", ("all-attention", "all-gdn"), pieces=True), "prefill")
