@@ -50,20 +50,27 @@ FLOAT_ARGS = {"scale", "eps"}
 GDN = {"HK": 8, "HV": 32, "DK": 128, "DV": 128, "KW": 4, "KWP": 4}
 
 
+#: strides that are 1 at 15B sizes (Triton's launcher compiles an integer argument equal to 1 as the constant 1)
+UNIT_STRIDES = {"s_cs_k", "s_w_k"}
+#: strides that are not multiples of 16 (the conv state's and weight's channel strides: KW - 1 = 3, KW = 4)
+ODD_STRIDES = {"s_cs_c", "s_w_c"}
+
+
 def _signature(fn: Any, consts: dict[str, Any]) -> tuple[dict[str, str], dict[tuple[int, ...], list]]:
-    """Triton signature of ``fn`` (constexprs from ``consts``, pointers bf16 unless :data:`POINTER_TYPES` says,
-    ``FLOAT_ARGS`` fp32, the rest i32) and the 16-divisibility attributes of its pointers and strides."""
+    """Triton signature of ``fn`` (constexprs from ``consts`` and :data:`UNIT_STRIDES`, pointers bf16 unless
+    :data:`POINTER_TYPES` says, ``FLOAT_ARGS`` fp32, the rest i32) and the 16-divisibility attributes the launcher
+    gives its pointers and strides at 15B sizes."""
     sig: dict[str, str] = {}
     attrs: dict[tuple[int, ...], list] = {}
     for i, name in enumerate(fn.arg_names):
-        if name in consts:
+        if name in consts or name in UNIT_STRIDES:
             sig[name] = "constexpr"
         elif name.endswith("_ptr"):
             sig[name] = POINTER_TYPES.get(name, "*bf16")
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             sig[name] = "fp32" if name in FLOAT_ARGS else "i32"
-            if name.startswith("s_") and not name.endswith("_k"):  # row strides: multiples of 16 elements here
+            if name.startswith("s_") and name not in ODD_STRIDES:  # row strides: multiples of 16 elements here
                 attrs[(i,)] = [["tt.divisibility", 16]]
     return sig, attrs
 
@@ -75,6 +82,7 @@ def _cuobjdump() -> str:
 def resources(fn: Any, consts: dict[str, Any], num_warps: int) -> dict[str, int]:
     """Compile ``fn`` for sm_90 with ``consts`` and read its registers, stack and shared memory."""
     sig, attrs = _signature(fn, consts)
+    consts = {**consts, **{name: 1 for name in UNIT_STRIDES if name in fn.arg_names}}
     kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs), target=TARGET,
                             options={"num_warps": num_warps})  # fmt: skip
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:

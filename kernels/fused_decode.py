@@ -140,8 +140,8 @@ PRECONV_MIN_ROWS = 64
 #: Rows and channels per program of the conv launch (GDN's 6144 channels on the H200: 7.7 us at 64 rows, 15.9 at
 #: 256, 52 at 1024, against 8.7 / 19.9 / 64 for 4 x 256; results/state_kernel_h200.json).
 CONV_ROWS, CONV_BLOCK = 2, 512
-#: Warps per program of the conv launch (at 2 x 512 and 4 warps: 118 registers a thread, 4 programs an SM;
-#: results/kernel_resources_sm90.json. 8 warps: 64 registers, not yet timed).
+#: Warps per program of the conv launch (at 2 x 512 and 4 warps: 112 registers a thread, 4 programs an SM;
+#: results/kernel_resources_sm90.json. 8 warps: 62 registers, 4 programs, twice the warps; not yet timed).
 CONV_WARPS = 4
 
 
