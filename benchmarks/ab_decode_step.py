@@ -10,6 +10,8 @@ as a spread rather than as a difference between variants):
 - ``pdl_pf<N>``: PDL, and each projection program asks L2 for the first ``N`` 128-byte lines of its weight rows
   before it waits;
 - ``pdl_early`` (``_pf<N>``): the same with each kernel's dependents launched right after its own wait;
+- ``pdl_late`` (``_pf<N>``): the same with each kernel's dependents launched once its programs are past their main
+  work (``kernels.backend.PDL_TRIGGER = "late"``);
 - any of these with ``+tattn`` (attention decode through the Triton split-K kernel, not SDPA) or ``+grouped``
   (SDPA over the query heads of each KV head as rows, ``sdpa_grouped``), and/or ``+stream`` (streaming cache hints
   on the GDN/KDA recurrent state), and/or ``+unorm`` (the RMSNorms as kernels of their own before the projections,
@@ -90,13 +92,15 @@ def apply_variant(name: str) -> None:
     known = ("tattn", "grouped", "stream", "unorm", "gates2", "oshape")
     unknown = [e for e in extras if e not in known and e.rstrip("0123456789") not in numeric]
     base, _, pf = head.partition("_pf")
-    if unknown or (head != "nopdl" and (base not in ("pdl", "pdl_early") or not (pf.isdigit() or pf == ""))):
+    modes = ("pdl", "pdl_early", "pdl_late")
+    if unknown or (head != "nopdl" and (base not in modes or not (pf.isdigit() or pf == ""))):
         raise SystemExit(
-            f"unknown variant {name!r}: expected nopdl, pdl or pdl_early (optionally _pf<lines>), "
+            f"unknown variant {name!r}: expected nopdl, pdl, pdl_early or pdl_late (optionally _pf<lines>), "
             "then optionally +tattn or +grouped, +stream, +unorm, +gates2, +oshape, "
             + ", ".join(f"+{k}<N>" for k in NUMERIC_KNOBS)
         )
-    kb.PDL, kb.PDL_EARLY_TRIGGER, kp.PDL_PREFETCH_LINES = head != "nopdl", base == "pdl_early", int(pf or 0)
+    kb.PDL, kp.PDL_PREFETCH_LINES = head != "nopdl", int(pf or 0)
+    kb.PDL_TRIGGER = {"pdl_early": "enter", "pdl_late": "late"}.get(base, "exit")
     kb.AUTO_CUDA_DECODE_BACKEND = "triton" if "tattn" in extras else "sdpa_grouped" if "grouped" in extras else "sdpa"
     fd.STATE_STREAM_HINTS = "stream" in extras
     kp.FUSE_NORM = "unorm" not in extras

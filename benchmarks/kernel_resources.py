@@ -43,6 +43,8 @@ from placement_search.kernels import _projection_triton as PT
 from placement_search.kernels.projection import skinny_config, split_for
 
 TARGET = GPUTarget("cuda", 90, 32)
+#: The ``PDL`` constexpr compiled in (``kernels.backend.PDL_MODES``; ``--pdl-mode``): 1, the runtime's default.
+PDL_MODE = 1
 SM_REGS, SM_WARPS, SM_PROGRAMS, SM_SHARED = 65536, 64, 32, 228 * 1024
 #: pointer arguments that are not bf16
 POINTER_TYPES = {"state_ptr": "*fp32", "ws_ptr": "*fp32", "ss_ptr": "*fp32", "ssp_ptr": "*fp32", "lock_ptr": "*i32"}
@@ -110,7 +112,7 @@ def _skinny_consts(gated: bool, residual: bool, norm: bool) -> dict[str, Any]:
     """``skinny_linear_kernel``'s constexprs for a launch at 16 rows; the arguments that launch leaves unused are
     ``None`` (constexpr), as the runtime passes them."""
     consts: dict[str, Any] = {
-        "BM": 16, "GATED": gated, "RESIDUAL": residual, "HAS_BIAS": False, "EVEN_K": True, "UPCAST": False, "PDL": 1,
+        "BM": 16, "GATED": gated, "RESIDUAL": residual, "HAS_BIAS": False, "EVEN_K": True, "UPCAST": False, "PDL": PDL_MODE,
         "PREFETCH": 0, "NORM": norm, "SSB": 64, "NORM_OUT": residual, "GROUPED": False, "b_ptr": None, "n1": None,
         "x2_off": None,
     }  # fmt: skip
@@ -126,19 +128,19 @@ def _skinny_consts(gated: bool, residual: bool, norm: bool) -> dict[str, Any]:
 
 def cases() -> list[tuple[str, Any, dict[str, Any], int]]:
     """(name, kernel, constexprs, warps) as the runtime launches them at 15B sizes."""
-    state = {**GDN, "BK": 128, "L2_EPS": 1e-6, "PDL": 1, "STREAM": False}
-    kda = {"H": 32, "D": 128, "BD": 128, "KW": 4, "KWP": 4, "L2_EPS": 1e-6, "PDL": 1, "STREAM": False}
+    state = {**GDN, "BK": 128, "L2_EPS": 1e-6, "PDL": PDL_MODE, "STREAM": False}
+    kda = {"H": 32, "D": 128, "BD": 128, "KW": 4, "KWP": 4, "L2_EPS": 1e-6, "PDL": PDL_MODE, "STREAM": False}
     out = []
     for pre in (False, True):
         for bv in (32, 64):  # below SMALL_BATCH rows / from there
             tag = f"BV={bv}{', PRECONV' if pre else ''}"
             out.append((f"gdn_state_kernel {tag}", FD.gdn_state_kernel, {**state, "BV": bv, "PRECONV": pre}, 4))
             out.append((f"kda_state_kernel {tag}", FD.kda_state_kernel, {**kda, "BV": bv, "PRECONV": pre}, 4))
-    finish = {**GDN, "QK_PER": 64, "BV": 128, "BQ": 64, "NORM_EPS": 1e-5, "PDL": 1}
+    finish = {**GDN, "QK_PER": 64, "BV": 128, "BQ": 64, "NORM_EPS": 1e-5, "PDL": PDL_MODE}
     out.append(("gdn_finish_kernel", FD.gdn_finish_kernel, finish, 4))
     out.append(("kda_finish_kernel", FD.kda_finish_kernel,
-                {"D": 128, "BD": 128, "KW": 4, "KWP": 4, "NORM_EPS": 1e-5, "PDL": 1}, 4))  # fmt: skip
-    out.append(("conv_update_kernel 2 x 512", FD.conv_update_kernel, {"BR": 2, "BC": 512, "KW": 4, "PDL": 1}, 4))
+                {"D": 128, "BD": 128, "KW": 4, "KWP": 4, "NORM_EPS": 1e-5, "PDL": PDL_MODE}, 4))  # fmt: skip
+    out.append(("conv_update_kernel 2 x 512", FD.conv_update_kernel, {"BR": 2, "BC": 512, "KW": 4, "PDL": PDL_MODE}, 4))
     for name, (n, k, gated, residual, norm) in (
         ("GDN in [10304, 5120]", (10304, 5120, False, False, True)),
         ("o_proj [5120, 4096]", (5120, 4096, False, True, False)),
@@ -158,7 +160,11 @@ def cases() -> list[tuple[str, Any, dict[str, Any], int]]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None, help="JSON path (default: print only)")
+    ap.add_argument("--pdl-mode", type=int, default=1, choices=(1, 2, 3),
+                    help="the PDL constexpr compiled in (kernels.backend.PDL_MODES; default 1, the runtime's)")  # fmt: skip
     args = ap.parse_args(argv)
+    global PDL_MODE
+    PDL_MODE = args.pdl_mode
     rows = []
     print(f"{'kernel':66} {'warps':>5} {'regs':>5} {'stack':>6} {'shared':>7} {'per SM':>6}")
     for name, fn, consts, warps in cases():
@@ -170,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         write_json_atomic(Path(args.out), {
             "date": datetime.now(UTC).isoformat(timespec="seconds"),
             "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
-            "target": "cuda sm_90 (H200), compiled on this machine", "triton": triton.__version__, "rows": rows,
+            "target": "cuda sm_90 (H200), compiled on this machine", "triton": triton.__version__,
+            "pdl_mode": PDL_MODE, "rows": rows,
         })  # fmt: skip
         print(f"-> {args.out}")
     return 0

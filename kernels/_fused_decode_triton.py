@@ -25,7 +25,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._pdl_triton import pdl_enter
+from ._pdl_triton import pdl_enter, pdl_release
 
 
 @triton.jit
@@ -155,6 +155,7 @@ def conv_update_kernel(
             tl.store(st + (j - 1) * s_cs_k, xj, mask=m)
         wj = tl.load(w_ptr + c * s_w_c + j * s_w_k, mask=c < C, other=0.0).to(tl.float32)
         acc += wj[None, :] * xj.to(tl.float32)
+    pdl_release(PDL)
     y = _rnd(acc * tl.sigmoid(acc), y_ptr.dtype.element_ty)
     tl.store(y_ptr + t * s_yt + r64 * s_y + c[None, :], y.to(y_ptr.dtype.element_ty), mask=m)
 
@@ -270,6 +271,7 @@ def gdn_state_kernel(
     vm = rv < nv
     s_ptrs = state_ptr + ((i_b * HV + hv) * DK + rk[:, None]) * DV + v0 + rv[None, :]
     o = _delta_rule_head(s_ptrs, (rk[:, None] < DK) & vm[None, :], q, k, v, tl.exp(g), beta, STREAM)
+    pdl_release(PDL)
     tl.store(o_ptr + i_b * s_o + hv * DV + v0 + rv, _rnd(o, DTYPE).to(DTYPE), mask=vm)
 
 
@@ -298,6 +300,7 @@ def gdn_finish_kernel(
     o = tl.load(o_ptr + i_b * s_o + hv * DV + rv, mask=vm, other=0.0).to(tl.float32)
     zg = tl.load(z_ptr + i_b * s_z + hv * DV + rv, mask=vm, other=0.0).to(tl.float32)
     nw = tl.load(nw_ptr + rv, mask=vm, other=0.0).to(tl.float32)
+    pdl_release(PDL)
     y = _gated_rmsnorm(o, zg, nw, DV, NORM_EPS, DTYPE)
     tl.store(out_ptr + i_b * s_out + hv * DV + rv, y.to(DTYPE), mask=vm)
     if SHIFT:
@@ -357,6 +360,7 @@ def kda_state_kernel(
     vm = rv < nv
     s_ptrs = state_ptr + ((i_b * H + i_h) * D + r[:, None]) * D + v0 + rv[None, :]
     o = _delta_rule_head(s_ptrs, m[:, None] & vm[None, :], q, k, v, tl.exp(g)[:, None], beta, STREAM)
+    pdl_release(PDL)
     tl.store(o_ptr + i_b * s_o + c0 + v0 + rv, _rnd(o, DTYPE).to(DTYPE), mask=vm)
 
 
@@ -382,6 +386,7 @@ def kda_finish_kernel(
     o = tl.load(o_ptr + i_b * s_o + c0 + r, mask=m, other=0.0).to(tl.float32)
     gt = tl.load(gate_ptr + i_b * s_gate + c0 + r, mask=m, other=0.0).to(tl.float32)
     nw = tl.load(nw_ptr + r, mask=m, other=0.0).to(tl.float32)
+    pdl_release(PDL)
     y = _gated_rmsnorm(o, gt, nw, D, NORM_EPS, DTYPE)
     tl.store(out_ptr + i_b * s_out + c0 + r, y.to(DTYPE), mask=m)
     if SHIFT:

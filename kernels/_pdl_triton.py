@@ -1,10 +1,14 @@
 """Programmatic dependent launch (PDL) inside our Triton kernels (imported lazily: needs triton).
 
 A kernel launched with ``launch_pdl=True`` (see :func:`.backend.pdl_launch`) may start while its predecessor on the
-stream is still running. It takes a ``PDL: tl.constexpr`` (0: off; 1, 2: the trigger modes of :func:`pdl_enter`)
-and calls :func:`pdl_enter` in every program before it reads anything an earlier kernel wrote, or writes anything;
-before that it may only read tensors no kernel of the step writes (weights). With ``PDL = 0`` (the interpreter,
-other GPUs, ``backend.PDL = False``) both helpers compile to nothing.
+stream is still running. It takes a ``PDL: tl.constexpr`` (0: off; 1, 2, 3: the trigger modes of
+``backend.PDL_MODES``) and calls :func:`pdl_enter` in every program before it reads anything an earlier kernel
+wrote, or writes anything; before that it may only read tensors no kernel ever writes (weights). "No kernel of
+this step writes it" is not enough: on the H200, GDN/KDA state tiles loaded before the wait under the late trigger
+gave logits 3-5e-2 off (results/decode_step_ab_late_h200.json), though the kernel that last wrote them had completed
+long before (no visibility is promised before the wait). Where its main work is done it calls :func:`pdl_release`
+(mode 3 triggers its dependent there). With ``PDL = 0`` (the interpreter, other GPUs, ``backend.PDL = False``) the
+helpers compile to nothing.
 
 Measured on the H200 (results/decode_step_ab_h200.json): mode 1 makes the whole 15B decode step 0.2-1.0% faster;
 mode 2 and any weight prefetch make it slower, so the runtime launches mode 1 without prefetch.
@@ -32,6 +36,16 @@ def pdl_enter(PDL: tl.constexpr):
         gdc_wait()
         if PDL == 2:
             gdc_launch_dependents()
+
+
+@triton.jit
+def pdl_release(PDL: tl.constexpr):
+    """With ``PDL == 3``: let the next PDL kernel launch once every program of this one got here (called past a
+    program's main work: the dependent's programs take the SMs this kernel's tail frees and wait there, so that its
+    launch and prologue overlap the tail). Other modes: nothing (mode 1 triggers at exit, mode 2 in
+    :func:`pdl_enter`). The dependent still waits for this kernel's completion and writes (:func:`pdl_enter`)."""
+    if PDL == 3:
+        gdc_launch_dependents()
 
 
 @triton.jit

@@ -76,7 +76,7 @@ import triton
 import triton.language as tl
 
 from ._fused_decode_triton import _rnd
-from ._pdl_triton import pdl_enter, prefetch_rows_l2
+from ._pdl_triton import pdl_enter, pdl_release, prefetch_rows_l2
 
 
 @triton.jit
@@ -201,6 +201,7 @@ def skinny_linear_kernel(
             w2_ptrs += BK
         x_ptrs += BK
         w_ptrs += BK
+    pdl_release(PDL)
     if NORM:  # (with SPLIT > 1 the partial products are scaled: the sum of scaled partials is the same scaling)
         r = tl.rsqrt(tl.sum(ssp, axis=0) / K + eps)[:, None]
         acc *= r
@@ -263,6 +264,7 @@ def rms_norm_kernel(
     r = tl.arange(0, BD)
     m = r < D
     x = tl.load(x_ptr + row * s_x + r, mask=m, other=0.0).to(tl.float32)
+    pdl_release(PDL)
     y = _rnd(x * tl.rsqrt(tl.sum(x * x, axis=0) / D + eps), DTYPE)
     w = tl.load(w_ptr + r, mask=m, other=0.0).to(tl.float32)
     tl.store(o_ptr + row * s_o + r, _rnd(y * w, DTYPE).to(DTYPE), mask=m)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._pdl_triton import pdl_enter
+from ._pdl_triton import pdl_enter, pdl_release
 
 
 @triton.jit
@@ -39,6 +39,7 @@ def rope_cache_write_kernel(
     dr = (d + D // 2) % D
     cos = tl.load(cos_ptr + i_b * s_tab + d, mask=dm, other=0.0)
     sin = tl.load(sin_ptr + i_b * s_tab + d, mask=dm, other=0.0)
+    pdl_release(PDL)
     if h < H:
         base = q_ptr + i_b * s_qb + h * s_qh
         x = tl.load(base + d, mask=dm, other=0.0).to(tl.float32)

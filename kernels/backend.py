@@ -31,9 +31,16 @@ AUTO_CUDA_DECODE_BACKEND = "sdpa"
 #: (or ``PLACEMENT_SEARCH_PDL=0``): every kernel waits for its predecessor to finish before it starts. On the H200
 #: the whole 15B decode step is 0.2-1.0% faster with it (results/decode_step_ab_h200.json, ``ab_decode_step.py``).
 PDL = os.environ.get("PLACEMENT_SEARCH_PDL", "1") != "0"
-#: Under PDL, whether each kernel lets its dependent launch right after its own wait (True) or only as its programs
-#: exit (False). True made the H200 step 6-8% slower (results/decode_step_ab_early_h200.json).
-PDL_EARLY_TRIGGER = False
+#: Under PDL, when each kernel lets its dependent launch: ``"exit"`` as its programs exit (no trigger), ``"enter"``
+#: right after its own wait (the H200 step 6-8% slower: results/decode_step_ab_early_h200.json), ``"late"`` once its
+#: programs are past their main work (a projection's K loop, a state tile's update), so that the dependent's programs
+#: get onto the SMs freed by this kernel's tail and its wait overlaps that tail (``_pdl_triton.pdl_release``): on the
+#: H200 ``"late"`` took 0.1-0.8% off the batch-1 step of all-SWA, all-GDN and mixed (1.0-1.2% with 4 weight lines
+#: prefetched to L2 before the wait), made all-KDA's 0.6% slower, and every B = 16 step 1.3-3.0% slower
+#: (results/decode_step_ab_late_h200.json), so ``"exit"`` stays.
+PDL_TRIGGER = "exit"
+#: The ``PDL`` constexpr of each trigger mode (``_pdl_triton``).
+PDL_MODES = {"exit": 1, "enter": 2, "late": 3}
 #: Backends of the decode step's projections and RMSNorm (:mod:`.projection`, :mod:`.norm`).
 LINEAR_OP_BACKENDS = ("auto", "torch", "triton")
 #: The most activation rows the skinny Triton projection takes (its ``BM`` tile).
@@ -107,8 +114,8 @@ def _pdl_capable(index: int) -> bool:
 
 
 def pdl_launch(device: torch.device) -> dict[str, int | bool]:
-    """Launch keywords for one of our Triton kernels on ``device``: ``{"PDL": 1, "launch_pdl": True}`` (``PDL`` 2
-    with ``PDL_EARLY_TRIGGER``) where programmatic dependent launch applies (``PDL`` on, a CUDA device of compute
+    """Launch keywords for one of our Triton kernels on ``device``: ``{"PDL": mode, "launch_pdl": True}`` (the
+    mode of ``PDL_TRIGGER``: 1 for ``"exit"``) where programmatic dependent launch applies (``PDL`` on, a CUDA device of compute
     capability 9.0 or more, a Triton with grid dependency control, not the interpreter), ``{}`` otherwise.
 
     Under PDL a kernel may start while its predecessor on the stream is still running (its tail wave), so its
@@ -121,7 +128,9 @@ def pdl_launch(device: torch.device) -> dict[str, int | bool]:
     if not PDL or device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         return {}
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return {"PDL": 2 if PDL_EARLY_TRIGGER else 1, "launch_pdl": True} if _pdl_capable(index) else {}
+    if PDL_TRIGGER not in PDL_MODES:
+        raise ValueError(f"kernels.backend.PDL_TRIGGER = {PDL_TRIGGER!r}: expected one of {sorted(PDL_MODES)}")
+    return {"PDL": PDL_MODES[PDL_TRIGGER], "launch_pdl": True} if _pdl_capable(index) else {}
 
 
 def fla_module(name: str) -> ModuleType:

@@ -324,10 +324,16 @@ def test_pdl_launch_keywords(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(KB, "_pdl_capable", lambda index: True)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setattr(KB, "PDL", True)
-    monkeypatch.setattr(KB, "PDL_EARLY_TRIGGER", False)
+    monkeypatch.setattr(KB, "PDL_TRIGGER", "exit")
     assert KB.pdl_launch(cuda) == {"PDL": 1, "launch_pdl": True}
-    monkeypatch.setattr(KB, "PDL_EARLY_TRIGGER", True)
+    monkeypatch.setattr(KB, "PDL_TRIGGER", "enter")
     assert KB.pdl_launch(cuda) == {"PDL": 2, "launch_pdl": True}
+    monkeypatch.setattr(KB, "PDL_TRIGGER", "late")
+    assert KB.pdl_launch(cuda) == {"PDL": 3, "launch_pdl": True}
+    monkeypatch.setattr(KB, "PDL_TRIGGER", "early")
+    with pytest.raises(ValueError, match="PDL_TRIGGER = 'early'"):
+        KB.pdl_launch(cuda)
+    monkeypatch.setattr(KB, "PDL_TRIGGER", "exit")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert KB.pdl_launch(cuda) == {}
     monkeypatch.delenv("TRITON_INTERPRET")
