@@ -19,7 +19,9 @@ as a spread rather than as a difference between variants):
   two low-rank gate up-projections as two cuBLAS calls, not one ``linear_pair`` launch:
   ``evaluators.mixers.PAIRED_GATE_PROJECTIONS = False``), ``+bv<N>`` (``N`` value columns per program of the
   GDN/KDA state kernels from 16 rows up: ``kernels.fused_decode.BLOCK_V``; ``+pc<N>``: the GDN/KDA conv step as a
-  launch of its own from ``N`` rows up, ``kernels.fused_decode.PRECONV_MIN_ROWS``; ``+tb<N>``, ``+ts<N>``, ``+tw<N>``,
+  launch of its own from ``N`` rows up, ``kernels.fused_decode.PRECONV_MIN_ROWS``; ``+sr<N>``: at most ``N``
+  registers a thread in the GDN/KDA state kernels, ``kernels.fused_decode.STATE_MAX_REGISTERS``; ``+os<N>``: K
+  ranges of the output and MLP down projections, ``kernels.projection.OUTPUT_SPLIT``; ``+tb<N>``, ``+ts<N>``, ``+tw<N>``,
   ``+tp<N>``: the Triton attention decode's tiles, :data:`NUMERIC_KNOBS`), ``+oshape`` (the mixers' output
   projections on the q/k/v tiles, unsplit, as in sessions 6-9: ``kernels.projection.RESIDUAL_TILES_BY_SHAPE``).
 
@@ -52,15 +54,18 @@ from placement_search.evaluators import throughput as T
 from placement_search.evaluators.cache import AttentionCache
 from placement_search.files import write_json_atomic
 from placement_search.kernels import fused_decode as _fused_decode
+from placement_search.kernels import projection as _projection
 from placement_search.spec import get_spec
 
 _attention = sys.modules["placement_search.kernels.attention"]  # the module (the package's ``attention`` is the op)
 #: ``+<knob><N>`` sets a module constant for the variant: value columns per GDN/KDA state program (from 16 rows up);
-#: the rows from which the GDN/KDA conv step is a launch of its own; the Triton attention decode's slots per block,
-#: blocks in flight, warps and programs per SM.
+#: the rows from which the GDN/KDA conv step is a launch of its own; the state kernels' register cap; the output
+#: projections' K ranges; the Triton attention decode's slots per block, blocks in flight, warps and programs per SM.
 NUMERIC_KNOBS = {
     "bv": (_fused_decode, "BLOCK_V"),
     "pc": (_fused_decode, "PRECONV_MIN_ROWS"),
+    "sr": (_fused_decode, "STATE_MAX_REGISTERS"),
+    "os": (_projection, "OUTPUT_SPLIT"),
     "tb": (_attention, "TRITON_DECODE_BLOCK_S"),
     "ts": (_attention, "TRITON_DECODE_STAGES"),
     "tw": (_attention, "TRITON_DECODE_WARPS"),

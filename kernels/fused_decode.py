@@ -131,6 +131,11 @@ SMALL_BATCH = 16
 #: 8-13% at batch 16 but KDA loses 3-4% at 256-1024, and the whole 15B step moves by under 0.1%
 #: (results/decode_kernels_stream_h200.json, results/decode_step_ab_tattn_stream_h200.json).
 STATE_STREAM_HINTS = False
+#: A cap on the registers a thread of the Triton state kernels may use (Triton's ``maxnreg``; None: the compiler's
+#: choice, 159 for GDN's 128 x 64 tile, three programs per SM on sm_90). 128 lets four programs share an SM, with
+#: 56-160 bytes a thread spilled (``benchmarks/kernel_resources.py``): on the H200 every cap made the step slower
+#: (all-GDN +0.9% / +9.0% / +17.3% at 16 / 64 / 256 rows with 128: results/decode_step_ab_sr_h200.json).
+STATE_MAX_REGISTERS: int | None = None
 #: From this many rows up the conv step runs as a launch of its own (``conv_update_kernel``: conv, SiLU, state shift
 #: over all q/k/v channels at once) and the state kernels read its outputs (``PRECONV``), instead of each state
 #: program convolving its own q, k (shared with the other programs of its head) and v. On the H200 at 15B sizes
@@ -156,7 +161,7 @@ def _launch_kw(bk: int, bv: int, num_warps: int | None) -> dict[str, int]:
     every batch (results/decode_kernels_h200.json: GDN B=1024 1.34 ms vs 1.71 (8) and 2.21 (16))."""
     if num_warps is None:
         num_warps = max(1, min(4, (bk * bv) // (32 * 32)))
-    return {"num_warps": num_warps}
+    return {"num_warps": num_warps, **({"maxnreg": STATE_MAX_REGISTERS} if STATE_MAX_REGISTERS else {})}
 
 
 def gdn_decode_step(
