@@ -21,7 +21,9 @@ as a spread rather than as a difference between variants):
   GDN/KDA state kernels from 16 rows up: ``kernels.fused_decode.BLOCK_V``; ``+pc<N>``: the GDN/KDA conv step as a
   launch of its own from ``N`` rows up, ``kernels.fused_decode.PRECONV_MIN_ROWS``; ``+sr<N>``: at most ``N``
   registers a thread in the GDN/KDA state kernels, ``kernels.fused_decode.STATE_MAX_REGISTERS``; ``+os<N>``: K
-  ranges of the output and MLP down projections, ``kernels.projection.OUTPUT_SPLIT``; ``+tb<N>``, ``+ts<N>``, ``+tw<N>``,
+  ranges of the output and MLP down projections, ``kernels.projection.OUTPUT_SPLIT``; ``+ob<N>``, ``+og<N>``,
+  ``+ok<N>``, ``+ow<N>``: the mixers' output projections' columns per program, stages, K ranges and warps alone,
+  ``kernels.projection.MIXER_OUTPUT_TILES``; ``+tb<N>``, ``+ts<N>``, ``+tw<N>``,
   ``+tp<N>``: the Triton attention decode's tiles, :data:`NUMERIC_KNOBS`), ``+oshape`` (the mixers' output
   projections on the q/k/v tiles, unsplit, as in sessions 6-9: ``kernels.projection.RESIDUAL_TILES_BY_SHAPE``).
 
@@ -72,6 +74,9 @@ NUMERIC_KNOBS = {
     "tp": (_attention, "TRITON_DECODE_PROGRAMS_PER_SM"),
 }
 KNOB_DEFAULTS = {knob: getattr(module, attr) for knob, (module, attr) in NUMERIC_KNOBS.items()}
+#: ``+<knob><N>`` for the mixers' output projections' tiles alone (``kernels.projection.MIXER_OUTPUT_TILES``): their
+#: columns per program, pipeline stages, K ranges, warps.
+TILE_KNOBS = {"ob": "BN", "og": "STAGES", "ok": "SPLIT", "ow": "num_warps"}
 
 LABELS = {"all-attention": "attention", "all-swa": "sliding_window", "all-gdn": "gdn", "all-kda": "kda"}
 
@@ -92,7 +97,7 @@ def apply_variant(name: str) -> None:
     numeric = {}  # +<knob><N>: NUMERIC_KNOBS
     for e in extras:
         knob = e.rstrip("0123456789")
-        if knob in NUMERIC_KNOBS and e[len(knob) :].isdigit():
+        if (knob in NUMERIC_KNOBS or knob in TILE_KNOBS) and e[len(knob) :].isdigit():
             numeric[knob] = int(e[len(knob) :])
     known = ("tattn", "grouped", "stream", "unorm", "gates2", "oshape")
     unknown = [e for e in extras if e not in known and e.rstrip("0123456789") not in numeric]
@@ -102,7 +107,7 @@ def apply_variant(name: str) -> None:
         raise SystemExit(
             f"unknown variant {name!r}: expected nopdl, pdl, pdl_early or pdl_late (optionally _pf<lines>), "
             "then optionally +tattn or +grouped, +stream, +unorm, +gates2, +oshape, "
-            + ", ".join(f"+{k}<N>" for k in NUMERIC_KNOBS)
+            + ", ".join(f"+{k}<N>" for k in (*NUMERIC_KNOBS, *TILE_KNOBS))
         )
     kb.PDL, kp.PDL_PREFETCH_LINES = head != "nopdl", int(pf or 0)
     kb.PDL_TRIGGER = {"pdl_early": "enter", "pdl_late": "late"}.get(base, "exit")
@@ -113,6 +118,7 @@ def apply_variant(name: str) -> None:
     kp.RESIDUAL_TILES_BY_SHAPE = "oshape" in extras
     for knob, (module, attr) in NUMERIC_KNOBS.items():
         setattr(module, attr, numeric.get(knob, KNOB_DEFAULTS[knob]))
+    kp.MIXER_OUTPUT_TILES = {key: numeric[knob] for knob, key in TILE_KNOBS.items() if knob in numeric}
 
 
 def placement_of(spec, label: str) -> list[str]:

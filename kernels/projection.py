@@ -83,6 +83,11 @@ SPLIT_K_OUTPUT_PROJECTIONS = True
 #: Their K ranges: 2, the sweep's choice at batch 1 and 16; on the whole step 3 came within -0.2% (batch 1) and +0.3%
 #: (B = 16), 4 slower at both (results/decode_step_ab_os_h200.json).
 OUTPUT_SPLIT = 2
+#: The mixers' output projections' tiles alone ([5120, 4096]: K <= 8192), when set (benchmarks: ``BN``, ``STAGES``,
+#: ``SPLIT``, ``num_warps`` replacing the output projections' defaults above for them only). On the H200, 16 columns
+#: unsplit, 64 in 4 K ranges and 16 in 2 came within -0.25% to +2.5% of the defaults on the whole step
+#: (results/decode_step_ab_otiles_h200.json): none kept.
+MIXER_OUTPUT_TILES: dict[str, int] = {}
 #: Which projections get the output projections' tiles: False (the default), every projection that adds a residual
 #: (the mixers' output projections [5120, 4096] and the MLP down projection); True, the rule of sessions 6-9, by
 #: shape (``N <= K``), which left the output projections ([5120, 4096]: N > K) on the q/k/v tiles (to compare:
@@ -112,7 +117,8 @@ def _skinny_config(n: int, k: int, gated: bool, residual: bool) -> dict[str, int
     output = n <= k if RESIDUAL_TILES_BY_SHAPE else residual
     if n <= 8192 and k <= 16384 and output:  # output projections, MLP down [5120, 4096 / 14336]
         if SPLIT_K_OUTPUT_PROJECTIONS:
-            return {"BN": 32, "BK": 128, "STAGES": 4, "num_warps": 4, "SPLIT": OUTPUT_SPLIT}
+            tiles = {"BN": 32, "BK": 128, "STAGES": 4, "num_warps": 4, "SPLIT": OUTPUT_SPLIT}
+            return {**tiles, **MIXER_OUTPUT_TILES} if k <= 8192 else tiles
         return {"BN": 64, "BK": 256, "STAGES": 5, "num_warps": 8, "SPLIT": 1}
     if n <= 8192:  # attention q/k/v packed [6144, 5120]
         return {"BN": 32, "BK": 256, "STAGES": 5, "num_warps": 4, "SPLIT": 1}
