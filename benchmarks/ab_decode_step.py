@@ -23,7 +23,9 @@ as a spread rather than as a difference between variants):
   registers a thread in the GDN/KDA state kernels, ``kernels.fused_decode.STATE_MAX_REGISTERS``; ``+os<N>``: K
   ranges of the output and MLP down projections, ``kernels.projection.OUTPUT_SPLIT``; ``+ob<N>``, ``+og<N>``,
   ``+ok<N>``, ``+ow<N>``: the mixers' output projections' columns per program, stages, K ranges and warps alone,
-  ``kernels.projection.MIXER_OUTPUT_TILES``; ``+tb<N>``, ``+ts<N>``, ``+tw<N>``,
+  ``kernels.projection.MIXER_OUTPUT_TILES``; ``+gb<N>``, ``+gk<N>``, ``+gs<N>``, ``+gw<N>``: the same for the MLP's
+  gate/up projection, ``kernels.projection.GATED_TILES``; ``+ib<N>``, ``+ik<N>``, ``+is<N>``, ``+iw<N>``: for the
+  mixers' input projections, ``kernels.projection.INPUT_TILES``; ``+tb<N>``, ``+ts<N>``, ``+tw<N>``,
   ``+tp<N>``: the Triton attention decode's tiles, :data:`NUMERIC_KNOBS`), ``+oshape`` (the mixers' output
   projections on the q/k/v tiles, unsplit, as in sessions 6-9: ``kernels.projection.RESIDUAL_TILES_BY_SHAPE``).
 
@@ -77,6 +79,10 @@ KNOB_DEFAULTS = {knob: getattr(module, attr) for knob, (module, attr) in NUMERIC
 #: ``+<knob><N>`` for the mixers' output projections' tiles alone (``kernels.projection.MIXER_OUTPUT_TILES``): their
 #: columns per program, pipeline stages, K ranges, warps.
 TILE_KNOBS = {"ob": "BN", "og": "STAGES", "ok": "SPLIT", "ow": "num_warps"}
+#: ... and for the MLP's gate/up projection alone (``kernels.projection.GATED_TILES``): columns, K step, stages, warps.
+GATED_KNOBS = {"gb": "BN", "gk": "BK", "gs": "STAGES", "gw": "num_warps"}
+#: ... and for the mixers' input projections alone (``kernels.projection.INPUT_TILES``).
+INPUT_KNOBS = {"ib": "BN", "ik": "BK", "is": "STAGES", "iw": "num_warps"}
 
 LABELS = {"all-attention": "attention", "all-swa": "sliding_window", "all-gdn": "gdn", "all-kda": "kda"}
 
@@ -97,7 +103,8 @@ def apply_variant(name: str) -> None:
     numeric = {}  # +<knob><N>: NUMERIC_KNOBS
     for e in extras:
         knob = e.rstrip("0123456789")
-        if (knob in NUMERIC_KNOBS or knob in TILE_KNOBS) and e[len(knob) :].isdigit():
+        tiles = (*TILE_KNOBS, *GATED_KNOBS, *INPUT_KNOBS)
+        if (knob in NUMERIC_KNOBS or knob in tiles) and e[len(knob) :].isdigit():
             numeric[knob] = int(e[len(knob) :])
     known = ("tattn", "grouped", "stream", "unorm", "gates2", "oshape")
     unknown = [e for e in extras if e not in known and e.rstrip("0123456789") not in numeric]
@@ -107,7 +114,7 @@ def apply_variant(name: str) -> None:
         raise SystemExit(
             f"unknown variant {name!r}: expected nopdl, pdl, pdl_early or pdl_late (optionally _pf<lines>), "
             "then optionally +tattn or +grouped, +stream, +unorm, +gates2, +oshape, "
-            + ", ".join(f"+{k}<N>" for k in (*NUMERIC_KNOBS, *TILE_KNOBS))
+            + ", ".join(f"+{k}<N>" for k in (*NUMERIC_KNOBS, *TILE_KNOBS, *GATED_KNOBS, *INPUT_KNOBS))
         )
     kb.PDL, kp.PDL_PREFETCH_LINES = head != "nopdl", int(pf or 0)
     kb.PDL_TRIGGER = {"pdl_early": "enter", "pdl_late": "late"}.get(base, "exit")
@@ -119,6 +126,8 @@ def apply_variant(name: str) -> None:
     for knob, (module, attr) in NUMERIC_KNOBS.items():
         setattr(module, attr, numeric.get(knob, KNOB_DEFAULTS[knob]))
     kp.MIXER_OUTPUT_TILES = {key: numeric[knob] for knob, key in TILE_KNOBS.items() if knob in numeric}
+    kp.GATED_TILES = {key: numeric[knob] for knob, key in GATED_KNOBS.items() if knob in numeric}
+    kp.INPUT_TILES = {key: numeric[knob] for knob, key in INPUT_KNOBS.items() if knob in numeric}
 
 
 def placement_of(spec, label: str) -> list[str]:

@@ -88,6 +88,10 @@ OUTPUT_SPLIT = 2
 #: unsplit, 64 in 4 K ranges and 16 in 2 came within -0.25% to +2.5% of the defaults on the whole step
 #: (results/decode_step_ab_otiles_h200.json): none kept.
 MIXER_OUTPUT_TILES: dict[str, int] = {}
+#: The same for the MLP's gate/up projection (benchmarks).
+GATED_TILES: dict[str, int] = {}
+#: The same for the mixers' input projections (benchmarks).
+INPUT_TILES: dict[str, int] = {}
 #: Which projections get the output projections' tiles: False (the default), every projection that adds a residual
 #: (the mixers' output projections [5120, 4096] and the MLP down projection); True, the rule of sessions 6-9, by
 #: shape (``N <= K``), which left the output projections ([5120, 4096]: N > K) on the q/k/v tiles (to compare:
@@ -110,8 +114,10 @@ def skinny_config(n: int, k: int, gated: bool, residual: bool = False) -> dict[s
 
 
 def _skinny_config(n: int, k: int, gated: bool, residual: bool) -> dict[str, int]:
-    if gated:  # MLP gate + up [14336, 5120] x 2: 76.6 us (cuBLAS + SiLU + product: 83.8)
-        return {"BN": 32, "BK": 128, "STAGES": 3, "num_warps": 4, "SPLIT": 1}
+    if gated:  # MLP gate + up [14336, 5120] x 2: 64 columns a program (224 programs, three per SM): the whole step
+        # 0.2-0.4% faster than with 32 (448, five per SM; 76.6 us alone, cuBLAS + SiLU + product 83.8) at batch 1 and
+        # 16, bit-equal (results/decode_step_ab_gtiles_h200.json, decode_step_ab_itiles_h200.json)
+        return {"BN": 64, "BK": 128, "STAGES": 3, "num_warps": 4, "SPLIT": 1, **GATED_TILES}
     if n >= 65536:  # LM head [131072, 5120]: 306 us (cuBLAS 378)
         return {"BN": 64, "BK": 256, "STAGES": 3, "num_warps": 4, "SPLIT": 1}
     output = n <= k if RESIDUAL_TILES_BY_SHAPE else residual
@@ -121,9 +127,9 @@ def _skinny_config(n: int, k: int, gated: bool, residual: bool) -> dict[str, int
             return {**tiles, **MIXER_OUTPUT_TILES} if k <= 8192 else tiles
         return {"BN": 64, "BK": 256, "STAGES": 5, "num_warps": 8, "SPLIT": 1}
     if n <= 8192:  # attention q/k/v packed [6144, 5120]
-        return {"BN": 32, "BK": 256, "STAGES": 5, "num_warps": 4, "SPLIT": 1}
+        return {"BN": 32, "BK": 256, "STAGES": 5, "num_warps": 4, "SPLIT": 1, **INPUT_TILES}
     # GDN / KDA packed inputs [10304 / 12576, 5120]
-    return {"BN": 32, "BK": 128, "STAGES": 5, "num_warps": 4, "SPLIT": 1}
+    return {"BN": 32, "BK": 128, "STAGES": 5, "num_warps": 4, "SPLIT": 1, **INPUT_TILES}
 
 
 def split_for(n: int, k: int, bn: int, sms: int = 132, *, bk: int = 1, min_k: int = 1024) -> int:
