@@ -36,6 +36,8 @@ CASES = {
     "m3-residual-bias": (3, 50, 128, "float32", "residual+bias", True, None),
     "m2-gated": (2, 72, 256, "bfloat16", "gated", False, {"BN": 32, "BK": 128, "STAGES": 2, "num_warps": 4}),
     "m16-gated-odd": (16, 33, 200, "float32", "gated", True, {"BN": 16, "BK": 64, "STAGES": 2, "num_warps": 4}),
+    # the 15B gate/up tiles (kernels.projection: 64 columns, 128-wide K steps, 3 stages), a partial last block
+    "m16-gated-bn64": (16, 160, 384, "bfloat16", "gated", False, {"BN": 64, "BK": 128, "STAGES": 3, "num_warps": 4}),
     # split-K; the K range of each split (chunks of whole BK steps, the last ending at K) in the comments
     # 256, 256
     "s2-m1-plain": (1, 64, 512, "float32", "plain", False, {"BN": 32, "BK": 128, "STAGES": 2, "SPLIT": 2}),
