@@ -141,7 +141,8 @@ def mlp_persistent_kernel(
         w_ptrs = wd_ptr + rn.to(tl.int64)[:, None] * s_w2 + k_lo + rk2[None, :]
         acc = tl.zeros((BM, BN2), dtype=tl.float32)
         for _k0 in tl.range(0, chunk, BK2, num_stages=ST2):
-            a = tl.load(a_ptrs, mask=mm[:, None], other=0.0)  # written by other SMs: the pipeline's cp.async.cg skips L1
+            # written by other SMs before the barrier: the pipeline's cp.async.cg reads L2, not L1
+            a = tl.load(a_ptrs, mask=mm[:, None], other=0.0)
             w = tl.load(w_ptrs, mask=nm[:, None], other=0.0)
             if UPCAST:
                 a, w = a.to(tl.float32), w.to(tl.float32)

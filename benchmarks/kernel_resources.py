@@ -112,9 +112,9 @@ def _skinny_consts(gated: bool, residual: bool, norm: bool) -> dict[str, Any]:
     """``skinny_linear_kernel``'s constexprs for a launch at 16 rows; the arguments that launch leaves unused are
     ``None`` (constexpr), as the runtime passes them."""
     consts: dict[str, Any] = {
-        "BM": 16, "GATED": gated, "RESIDUAL": residual, "HAS_BIAS": False, "EVEN_K": True, "UPCAST": False, "PDL": PDL_MODE,
-        "PREFETCH": 0, "NORM": norm, "SSB": 64, "NORM_OUT": residual, "GROUPED": False, "b_ptr": None, "n1": None,
-        "x2_off": None,
+        "BM": 16, "GATED": gated, "RESIDUAL": residual, "HAS_BIAS": False, "EVEN_K": True, "UPCAST": False,
+        "PDL": PDL_MODE, "PREFETCH": 0, "NORM": norm, "SSB": 64, "NORM_OUT": residual, "GROUPED": False,
+        "b_ptr": None, "n1": None, "x2_off": None,
     }  # fmt: skip
     unused = []
     if not gated:
@@ -140,7 +140,8 @@ def cases() -> list[tuple[str, Any, dict[str, Any], int]]:
     out.append(("gdn_finish_kernel", FD.gdn_finish_kernel, finish, 4))
     out.append(("kda_finish_kernel", FD.kda_finish_kernel,
                 {"D": 128, "BD": 128, "KW": 4, "KWP": 4, "NORM_EPS": 1e-5, "PDL": PDL_MODE}, 4))  # fmt: skip
-    out.append(("conv_update_kernel 2 x 512", FD.conv_update_kernel, {"BR": 2, "BC": 512, "KW": 4, "PDL": PDL_MODE}, 4))
+    conv = {"BR": 2, "BC": 512, "KW": 4, "PDL": PDL_MODE}
+    out.append(("conv_update_kernel 2 x 512", FD.conv_update_kernel, conv, 4))
     for name, (n, k, gated, residual, norm) in (
         ("GDN in [10304, 5120]", (10304, 5120, False, False, True)),
         ("o_proj [5120, 4096]", (5120, 4096, False, True, False)),
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None, help="JSON path (default: print only)")
     ap.add_argument("--pdl-mode", type=int, default=1, choices=(1, 2, 3),
-                    help="the PDL constexpr compiled in (kernels.backend.PDL_MODES; default 1, the runtime's)")  # fmt: skip
+                    help="the PDL constexpr compiled in (kernels.backend.PDL_MODES; 1: the runtime's)")  # fmt: skip
     args = ap.parse_args(argv)
     global PDL_MODE
     PDL_MODE = args.pdl_mode

@@ -115,8 +115,9 @@ def _pdl_capable(index: int) -> bool:
 
 def pdl_launch(device: torch.device) -> dict[str, int | bool]:
     """Launch keywords for one of our Triton kernels on ``device``: ``{"PDL": mode, "launch_pdl": True}`` (the
-    mode of ``PDL_TRIGGER``: 1 for ``"exit"``) where programmatic dependent launch applies (``PDL`` on, a CUDA device of compute
-    capability 9.0 or more, a Triton with grid dependency control, not the interpreter), ``{}`` otherwise.
+    mode of ``PDL_TRIGGER``: 1 for ``"exit"``) where programmatic dependent launch applies (``PDL`` on, a CUDA
+    device of compute capability 9.0 or more, a Triton with grid dependency control, not the interpreter), ``{}``
+    otherwise.
 
     Under PDL a kernel may start while its predecessor on the stream is still running (its tail wave), so its
     programs get onto the SMs and run their prologue early. Each such kernel takes the ``PDL`` constexpr and calls
