@@ -6,6 +6,8 @@ One process, sections in priority order, each guarded by a deadline, the raw JSO
 1. ``ceilings``  — copy bandwidth (read + write) and bf16 matmul rate, measured in this run.
 2. ``pieces``    — the cost-table grid: per-block decode time of each mixer over contexts x batches, the
                    mixer-less block and the head (see ``evaluators/cost_model.py`` for why pieces).
+2b. ``step_context`` — the attention mixers' step-wide work (RoPE tables, write slots, validity mask: built once
+                   per step, held ``1/k`` by a ``k``-block piece) at a few batches of each piece grid.
 3. ``thin``      — thin random models of all-attention, all-SWA, all-GDN, all-KDA and a mixed placement:
                    largest batch where allocation (cache + captured graph + replay) actually fails vs the
                    memory model, and whole-model decode at batch 1, 16 and that largest batch (engine efficiency).
@@ -23,7 +25,8 @@ Usage (GPU): python benchmarks/measure_decode.py --out results [--deadline-s 480
 Smoke test (CPU, tiny model, no CUDA graphs): python benchmarks/measure_decode.py --device cpu --tiny --out /tmp/x
 Rebuild the table from raw data (CPU): python benchmarks/measure_decode.py --build-from results/decode_measurements_h200.json
 Several runs: ``--build-from RUN,RUN:KEY+KEY,...`` (the pieces of the last run that has them; a ``:KEY+KEY`` suffix
-keeps only those rows of a run: ``prefill``, ``memory_check``, ``kernels``, ``whole@engine``, ``whole@validation``,
+keeps only those rows of a run: ``prefill``, ``memory_check``, ``kernels``, ``step_context``, ``whole@engine``,
+``whole@validation``,
 optionally ``/LABEL/LABEL`` or ``/LABEL=BATCH``); the shipped table's command is in README.md ("Decode speed on the
 H200").
 """
@@ -61,7 +64,7 @@ from placement_search.evaluators.memory import (  # noqa: E402
 )
 from placement_search.files import write_json_atomic  # noqa: E402
 from placement_search.placement import Placement  # noqa: E402
-from placement_search.spec import ModelSpec, get_spec  # noqa: E402
+from placement_search.spec import AttentionSpec, ModelSpec, get_spec  # noqa: E402
 
 #: Runtime overheads used for the shipped tables (see evaluators/memory.py; sized from the allocator).
 OVERHEADS = RuntimeOverheads()
@@ -160,6 +163,7 @@ class Campaign:
             "ceilings": {},
             "kernels": [],
             "pieces": [],
+            "step_context": [],
             "whole": [],
             "memory_check": [],
             "prefill": [],
@@ -313,6 +317,37 @@ class Campaign:
             except Exception as e:
                 self.point_error(f"pieces shared/head B={b}", e)
         self.log(f"shared/head: {len(all_batches)} batches")
+        del bench, model
+
+    # -- 3b. step-wide work of the attention mixers --------------------------------------------
+
+    def step_context(self) -> None:
+        spec = self.spec
+        model = self.T.piece_model(spec, 1, self.device)
+        bench = self.T.PieceBench(model, replays=self.args.replays)
+        coverage = COVERAGE_BUDGET_GIB * GiB if not self.tiny else self.total_bytes
+        ref = self.contexts[len(self.contexts) // 2] if not self.tiny else self.contexts[-1]
+        for m in spec.mixer_names:
+            if not isinstance(spec.mixer(0, m), AttentionSpec):
+                continue
+            indep = context_independent(spec, m, self.contexts)
+            for c in self.contexts if not indep else (ref,):
+                if not self.guard(f"step_context {m}@{c}", 10):
+                    return
+                top = self.cap(batch_upper_bound(spec, m, c, coverage, overheads=OVERHEADS))
+                grid = dense_batch_grid(top) if self.args.grid == "dense" else batch_grid(top)
+                spread = {grid[round(i * (len(grid) - 1) / 5)] for i in range(6)}  # both ends and four between
+                batches = sorted(spread | ({16} if top >= 16 else set()))
+                for b in batches:
+                    try:
+                        t = bench.step_context(m, c, b)
+                        self.raw["step_context"].append({"mixer": m, "context": c, "batch": b, "ms": t.ms,
+                                                         "p10": t.p10, "p90": t.p90, "n": len(t.times_ms)})
+                    except Exception as e:
+                        self.point_error(f"step_context {m}@{c} B={b}", e)
+                self.log(f"step context {m:>14} L={c:>6}: batches {batches}, "
+                         f"{self.raw['step_context'][-1]['ms'] * 1e3:.1f} us at the top")
+        self.save()
         del bench, model
 
     # -- 4. thin models: memory check + engine efficiency ---------------------------------------
@@ -480,6 +515,7 @@ class Campaign:
         self.log(f"{self.raw['meta'].get('gpu')} torch {self.raw['meta']['torch']} model {self.spec.name}")
         self.section("ceilings", self.ceilings)
         self.section("pieces", self.pieces)
+        self.section("step_context", self.step_context)
         self.section("thin", self.thin)
         self.section("validation", self.validation)
         # last but one: it calls an fla Triton kernel directly (a bad launch would end the process)
@@ -517,8 +553,8 @@ def merge_raw(raws: list[dict[str, Any]], sources: list[str]) -> dict[str, Any]:
     """Several campaign runs as one: the pieces of the LAST run that has pieces (a table never mixes runs);
     whole-model rows, memory checks, prefill and kernel rows of every run (each keeps its run's copy
     bandwidth); the first run's meta plus the list of runs."""
-    merged: dict[str, Any] = {"meta": dict(raws[0]["meta"]), "pieces": [], "whole": [], "memory_check": [],
-                              "prefill": [], "kernels": [], "skipped": [], "errors": []}
+    merged: dict[str, Any] = {"meta": dict(raws[0]["meta"]), "pieces": [], "step_context": [], "whole": [],
+                              "memory_check": [], "prefill": [], "kernels": [], "skipped": [], "errors": []}
     merged["meta"]["runs"] = []
     for src, raw in zip(sources, raws, strict=True):
         meta = dict(raw["meta"])
@@ -534,7 +570,7 @@ def merge_raw(raws: list[dict[str, Any]], sources: list[str]) -> dict[str, Any]:
                 if k in meta:
                     merged["meta"][k] = meta[k]
             merged["ceilings"] = raw.get("ceilings")
-        for key in ("whole", "memory_check", "prefill", "kernels"):
+        for key in ("whole", "memory_check", "prefill", "kernels", "step_context"):
             for row in raw.get(key) or []:
                 row = dict(row)
                 row.setdefault("run", src)
@@ -574,7 +610,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="results")
     ap.add_argument("--raw-name", default=RAW_NAME)
     ap.add_argument("--table-name", default=TABLE_NAME)
-    ap.add_argument("--sections", default="ceilings,kernels,pieces,thin,validation,prefill")
+    ap.add_argument("--sections", default="ceilings,kernels,pieces,step_context,thin,validation,prefill")
     ap.add_argument("--deadline-s", type=float, default=480.0)
     ap.add_argument("--replays", type=int, default=20)
     ap.add_argument("--placements", type=int, default=24)

@@ -7,6 +7,9 @@ A *cost table* (JSON, loadable without torch or a GPU) holds, for one model on o
 - ``shared_layer_ms``: the same block without its mixer (norm + MLP + residual) over the batch grid, so that
   ``layer_ms - shared_layer_ms`` is the mixer's own cost (reported, not needed for predictions);
 - ``head_ms``: everything outside the blocks (position update, embedding lookup, final norm, LM head);
+- ``step_context_ms[mixer][context]`` (optional): the step-wide work a step with layers of that mixer does once,
+  however many there are: the attention mixers' RoPE tables, write slots and validity mask
+  (:class:`~placement_search.evaluators.cache.StepContext`); ``layer_ms`` then excludes it;
 - ``memory``: the runtime overheads of the memory model (:mod:`.memory`) used by the ``max_fit`` policy.
 
 Why per-block pieces timed inside CUDA graphs, rather than differences of whole-model all-X placements: under
@@ -19,7 +22,8 @@ per step) validate the sum (``benchmarks/cost_model_accuracy.py``).
 
 Prediction of placement ``p`` at context ``L`` and batch ``B``::
 
-    step_ms = head_ms(B) + sum_l layer_ms[p_l](L, B)        tokens/s = B / step_ms * 1000
+    step_ms = head_ms(B) + sum_l layer_ms[p_l](L, B) + sum_{m in p} step_context_ms[m](L, B)
+    tokens/s = B / step_ms * 1000
 
 interpolated linearly in ``B`` between grid batches and linearly in ``L`` between grid contexts (KV reads grow
 linearly with the context; the other mixers do not depend on it). Outside the grid it refuses (one-line
@@ -403,6 +407,7 @@ class CostTable:
     shared_layer: Curve
     layers: dict[str, dict[int, Curve]]
     overheads: RuntimeOverheads
+    step_context: dict[str, dict[int, Curve]] = field(default_factory=dict)
     idealized: dict[str, Any] | None = None
     regression: tuple[RegressionFit, ...] = ()
     provenance: dict[str, Any] = field(default_factory=dict)
@@ -469,6 +474,20 @@ class CostTable:
         extra_mixers = sorted(set(layer_ms) - set(mixers))
         if extra_mixers:
             raise CostModelError(f"layer_ms: mixer {extra_mixers[0]!r} is not in model.mixers")
+        step_ctx_ms = data.get("step_context_ms") or {}
+        if not isinstance(step_ctx_ms, Mapping):
+            raise CostModelError("step_context_ms: expected an object of mixer -> context -> curve")
+        step_context: dict[str, dict[int, Curve]] = {}
+        for m, per in step_ctx_ms.items():
+            if m not in mixers:
+                raise CostModelError(f"step_context_ms: mixer {m!r} is not in model.mixers")
+            if not isinstance(per, Mapping):
+                raise CostModelError(f"step_context_ms.{m}: expected an object of context -> curve")
+            step_context[m] = {}
+            for c in ctx:
+                if str(c) not in per:
+                    raise CostModelError(f"step_context_ms.{m}: missing context {c}")
+                step_context[m][c] = Curve.from_dict(per[str(c)], f"step_context_ms.{m}.{c}")
         try:
             overheads = RuntimeOverheads.from_dict(dict(data["memory"]), "memory")
         except (MemoryModelError, TypeError, ValueError) as e:
@@ -485,7 +504,7 @@ class CostTable:
         regression = tuple(RegressionFit.from_dict(r, f"regression[{i}]") for i, r in enumerate(reg))
         known = {
             "format", "format_version", "model", "gpu", "device_memory_gib", "dtype", "contexts", "head_ms",
-            "shared_layer_ms", "layer_ms", "memory", "idealized", "regression", "provenance",
+            "shared_layer_ms", "layer_ms", "memory", "idealized", "regression", "provenance", "step_context_ms",
         }  # fmt: skip
         prov = data.get("provenance") or {}
         if not isinstance(prov, Mapping):
@@ -509,6 +528,7 @@ class CostTable:
             shared_layer=Curve.from_dict(data["shared_layer_ms"], "shared_layer_ms"),
             layers=layers,
             overheads=overheads,
+            step_context=step_context,
             idealized=None if idealized is None else dict(idealized),
             regression=regression,
             provenance=dict(prov),
@@ -544,6 +564,9 @@ class CostTable:
             "layer_ms": {m: {str(c): cur.to_dict() for c, cur in per.items()} for m, per in self.layers.items()},
             "memory": self.overheads.to_dict(),
         }
+        if self.step_context:
+            out["step_context_ms"] = {m: {str(c): cur.to_dict() for c, cur in per.items()}
+                                      for m, per in self.step_context.items()}  # fmt: skip
         if self.idealized is not None:
             out["idealized"] = self.idealized
         if self.regression:
@@ -575,7 +598,13 @@ class CostTable:
         if len(mixers) != self.num_layers:
             raise CostModelError(f"placement has {len(mixers)} layers, the table's model has {self.num_layers}")
         per = {m: self.layer_ms(m, context, batch) for m in set(mixers)}
-        return self.head.at(batch, "the head") + sum(per[m] for m in mixers)
+        head = self.head.at(batch, "the head")
+        return head + sum(per[m] for m in mixers) + self.step_context_ms(mixers, context, batch)
+
+    def step_context_ms(self, mixers: Iterable[str], context: int, batch: float) -> float:
+        """The step-wide work of a step with layers of ``mixers``: once per mixer present (0 without such terms)."""
+        return sum(interpolate_context(self.step_context[m], context, batch, f"the step context of {m}")
+                   for m in sorted(set(mixers)) if m in self.step_context)  # fmt: skip
 
     def idealized_step_ms(self, mixers: Sequence[str]) -> float:
         """Idealized variant: one constant per mixer, whatever the context and batch."""
@@ -721,6 +750,36 @@ def smooth_curve(curve: Curve, from_batch: int) -> Curve:
     return Curve(curve.batches, tuple(ms))
 
 
+def _clamped(curve: Curve, batch: float) -> float:
+    """``curve`` at ``batch`` moved inside its grid (for a nearly flat curve measured at a few batches)."""
+    return curve.at(min(max(batch, curve.batches[0]), curve.batches[-1]))
+
+
+def _step_context_curves(
+    rows: Sequence[Mapping[str, Any]], spec: ModelSpec, contexts: Sequence[int]
+) -> dict[str, dict[int, Curve]]:
+    """Measured step-context curves by mixer and measured context (one context for a context-independent mixer)."""
+    out: dict[str, dict[int, Curve]] = {}
+    for m in spec.mixer_names:
+        mine = [r for r in rows if r["mixer"] == m]
+        if not mine:
+            continue
+        by_ctx = {c: _curve((r["batch"], r["ms"]) for r in mine if int(r["context"]) == c)
+                  for c in sorted({int(r["context"]) for r in mine})}  # fmt: skip
+        if context_independent(spec, m, list(contexts) + list(by_ctx)):
+            by_ctx = {0: max(by_ctx.values(), key=lambda cur: len(cur.batches))}  # 0: every context
+        out[m] = by_ctx
+    return out
+
+
+def _context_curve(by_ctx: Mapping[int, Curve], context: int, mixer: str, source: str) -> Curve:
+    if 0 in by_ctx:
+        return by_ctx[0]
+    if context not in by_ctx:
+        raise CostModelError(f"{source}: the step context of {mixer!r} was not measured at context {context}")
+    return by_ctx[context]
+
+
 def _curve(points: Iterable[tuple[int, float]]) -> Curve:
     by_batch: dict[int, list[float]] = {}
     for b, t in points:
@@ -747,7 +806,11 @@ def build_table(
     measured at other contexts (``measure_decode.py`` times a few batches at the grid's ends) are checks of that
     independence, reported in ``context_checks`` as their relative deviation from the curve, not curves of their own
     (a check point off by a measurement artefact would otherwise be interpolated across the whole batch range).
-    ``raw["whole"]`` rows tagged ``"validation"`` fit the regression variant, grouped by condition.
+    ``raw["step_context"]`` rows ``{"mixer", "context", "batch", "ms"}`` (per step; optional): the step-wide work of
+    steps with that mixer (see the module docstring); each layer piece of that mixer, a ``k``-block graph
+    (``"k"`` in its row) that built it once, is reduced by ``1/k`` of it (at the piece's batch, clamped to the
+    measured range), and the table adds it once per step. ``raw["whole"]`` rows tagged ``"validation"`` fit the
+    regression variant, grouped by condition.
     ``smooth_from[mixer] = B0``: that mixer's points at batches >= ``B0`` are replaced by their least-squares
     line (for a mixer whose measured cost alternates between levels from one batch to the next, the line is the
     expected cost; see :func:`smooth_curve`).
@@ -758,11 +821,15 @@ def build_table(
     shared = _curve((r["batch"], r["ms"]) for r in pieces if r["kind"] == "shared")
     if not head.batches or not shared.batches:
         raise CostModelError(f"{source}: raw measurements hold no head or shared-layer pieces")
+    step_context = _step_context_curves(raw.get("step_context") or [], spec, contexts)
     layers: dict[str, dict[int, Curve]] = {}
     measured_at: dict[str, dict[str, int]] = {}
     context_checks: dict[str, dict[str, Any]] = {}
     for m in spec.mixer_names:
         rows = [r for r in pieces if r["kind"] == "layer" and r["mixer"] == m]
+        if m in step_context:  # each piece built the step context once for its k blocks
+            rows = [{**r, "ms": r["ms"] - _clamped(_context_curve(step_context[m], int(r["context"]), m, source),
+                                                   r["batch"]) / int(r.get("k", 1))} for r in rows]  # fmt: skip
         by_ctx: dict[int, Curve] = {}
         for c in sorted({int(r["context"]) for r in rows}):
             by_ctx[c] = _curve((r["batch"], r["ms"]) for r in rows if int(r["context"]) == c)
@@ -800,6 +867,8 @@ def build_table(
         "shared_layer": shared,
         "layers": layers,
         "overheads": overheads or RuntimeOverheads(),
+        "step_context": {m: {c: _context_curve(per, c, m, source) for c in contexts}
+                         for m, per in step_context.items()},
         "source": source,
     }
     draft = CostTable(**table_kwargs)
@@ -807,9 +876,10 @@ def build_table(
     n = spec.num_layers
     try:
         head_ref = draft.head.at(bref)
+        per_step = {m: head_ref + draft.step_context_ms([m], lref, bref) for m in spec.mixer_names}
         idealized = {
             "reference": {"context": lref, "batch": bref},
-            "layer_ms": {m: round(draft.layer_ms(m, lref, bref) + head_ref / n, 6) for m in spec.mixer_names},
+            "layer_ms": {m: round(draft.layer_ms(m, lref, bref) + per_step[m] / n, 6) for m in spec.mixer_names},
             "note": "per-layer share of the all-X step at the reference context and batch, used at every condition",
         }
     except CostModelError:
@@ -838,7 +908,8 @@ def build_table(
         "smoothed": {m: {"from_batch": b0, "how": "least-squares line through the measured points at batch >= "
                          f"{b0} (measured cost alternates between levels there)"} for m, b0 in (smooth_from or {}).items()},
         "method": "per-block pieces: k distinct decoder blocks (own weights and caches) in one CUDA graph, "
-        "median of graph replays timed with CUDA events, divided by k",
+        "median of graph replays timed with CUDA events, divided by k"
+        + ("; less 1/k of the step context (step_context_ms), added once per step" if step_context else ""),
     }
     return CostTable(
         **{**table_kwargs, "source": source},

@@ -9,7 +9,9 @@ ring), and each replay first resets the positions so that every replay does exac
 
 Pieces (for the cost tables, :mod:`.cost_model`): ``k`` distinct decoder blocks with their own weights and
 caches in one graph (``layer``), the same without their mixers (``shared``), and the part outside the blocks
-(``head``). One large cache allocation serves every ``(k, batch)`` of a mixer and context as row views.
+(``head``). One large cache allocation serves every ``(k, batch)`` of a mixer and context as row views. For the
+attention mixers also the step-wide work their layers share (``step_context``: RoPE tables, write slots, validity
+mask, built once per step), which a ``layer`` piece of ``k`` blocks holds ``1/k`` of.
 
 On a CPU (``--device cpu`` smoke tests) the same code runs eagerly and is timed with the host clock.
 """
@@ -33,11 +35,12 @@ from typing import Any
 import torch
 
 from placement_search import kernels as K
-from placement_search.evaluators.cache import Cache, StepContext, layer_cache
+from placement_search.evaluators.cache import AttentionCache, Cache, StepContext, layer_cache
 from placement_search.evaluators.memory import GiB, RuntimeOverheads, memory_breakdown
 from placement_search.evaluators.supernet import Supernet, mixers_for
+from placement_search.kernels.backend import resolve_decode_backend
 from placement_search.placement import Placement
-from placement_search.spec import ModelSpec
+from placement_search.spec import AttentionSpec, ModelSpec
 
 # --------------------------------------------------------------------------------------------
 # Environment
@@ -535,6 +538,34 @@ class PieceBench:
 
         t = self._time(fn)
         return Timing([v / k for v in t.times_ms], t.graph_pool_bytes)
+
+    def step_context(self, mixer: str, context: int, batch: int) -> Timing:
+        """What a decode step with ``mixer`` layers at ``context`` builds once for all of them, per step: the
+        :class:`StepContext` products its attention layers read (RoPE tables, write slot, row indices, validity
+        mask and its additive form; the valid lengths where the decode backend is Triton). An attention mixer only.
+
+        The cache's keys are a zero-stride view (only its size and ring matter here), so any batch fits."""
+        spec = self.model.spec.mixer(0, mixer)
+        if not isinstance(spec, AttentionSpec):
+            raise ValueError(f"step_context: {mixer!r} is not an attention mixer")
+        one = layer_cache(spec, 1, context, device=self.device, dtype=self.model.dtype)
+        if not isinstance(one, AttentionCache):
+            raise ValueError(f"step_context: {mixer!r} has no attention cache")
+        cache = AttentionCache(one.k.expand(batch, *one.k.shape[1:]), one.v.expand(batch, *one.v.shape[1:]),
+                               one.slots, one.ring)  # fmt: skip
+        pos = torch.full((batch,), context - 1, dtype=torch.long, device=self.device)
+        dtype = self.model.dtype
+        triton_decode = resolve_decode_backend("auto", self.device) == "triton"
+
+        def fn() -> list[torch.Tensor]:
+            ctx = StepContext(pos)
+            out = [*ctx.rope(spec.head_size, spec.rope_theta, dtype), ctx.slot(cache), ctx.rows,
+                   ctx.valid(cache), ctx.bias(cache, dtype)]  # fmt: skip
+            if triton_decode:
+                out.append(ctx.lengths(cache))
+            return out
+
+        return self._time(fn)
 
     def allocate(self, mixer: str, context: int, rows: int) -> tuple[Any, torch.Tensor]:
         """One cache of ``rows`` sequences for ``mixer`` at ``context``, random, positions at ``context - 1``."""
