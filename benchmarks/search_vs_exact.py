@@ -7,8 +7,9 @@ Writes ``results/search_vs_exact_<table stem>.json``. Without it:
 
 Synthetic quality (a known pairwise cluster expansion, :func:`placement_search.surrogate.datasets.pairwise_quality`,
 pair terms up to distance 3) on the real 48-layer Super Apriel space and the shipped H200 cost table. The exact
-front: :func:`~placement_search.exact_front.exact_front` (additive step time) under a fixed batch,
-:func:`~placement_search.exact_front.exact_front_by_counts` under ``max_fit``. Hypervolume reference: the lowest
+front: :func:`~placement_search.exact_front.exact_front_by_counts` under every policy (the table's step time is a
+function of the mixer counts: the batch under ``max_fit``, the attention mixers' step context, paid once per step,
+under any). Hypervolume reference: the lowest
 quality of the all-X placements, throughput 0. Also runs plain NSGA-II (no structured seeds, no polish) for the
 "before" column. Prints a table and writes ``results/search_vs_exact_synthetic.json``.
 
@@ -29,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from placement_search.evaluators.cost_model import CostTable
-from placement_search.exact_front import exact_front, exact_front_by_counts
+from placement_search.exact_front import exact_front_by_counts
 from placement_search.files import write_json_atomic
 from placement_search.pareto import hypervolume
 from placement_search.placement import Placement
@@ -43,23 +44,18 @@ ROOT = Path(__file__).resolve().parents[1]
 TABLE = ROOT / "results" / "cost_tables" / "super-apriel-15b_h200.json"
 
 
-def exact(space, truth, table: CostTable, speed: TableSpeed, context: int, policy: str) -> tuple[np.ndarray, float]:
-    """Exact front as ``[P, 2]`` (quality, tokens/s) and the DP's wall time."""
+def exact(space, truth, speed: TableSpeed) -> tuple[np.ndarray, float]:
+    """Exact front as ``[P, 2]`` (quality, tokens/s) and the DP's wall time. Over count vectors under every policy:
+    the table's step time is a function of the mixer counts, not a sum over layers (under ``max_fit`` the batch moves
+    with the counts; at any batch the attention mixers' step context is paid once per step, not per layer)."""
     t0 = time.perf_counter()
-    if policy.startswith("fixed"):
-        batch = int(policy.split(":")[1])
-        cost = np.tile([table.layer_ms(m, context, batch) for m in space.mixers], (space.num_layers, 1))
-        front = exact_front(space, truth.unary, cost, truth.pair, truth.intercept)
-        tps = batch / (table.head.at(batch) + front.cost) * 1e3
-        points = np.stack([front.quality, tps], axis=1)
-    else:
-        def by_counts(counts: dict[str, int]) -> float:
-            row = [space.mixers.index(m) for m in space.mixers for _ in range(counts[m])]
-            return float(speed.on_indices(np.array([row]))[0])
 
-        front = exact_front_by_counts(space, truth.unary, by_counts, truth.pair, truth.intercept, max_cells=8_000_000)
-        points = np.stack([front.quality, front.speed], axis=1)
-    return points, time.perf_counter() - t0
+    def by_counts(counts: dict[str, int]) -> float:
+        row = [space.mixers.index(m) for m in space.mixers for _ in range(counts[m])]
+        return float(speed.on_indices(np.array([row]))[0])
+
+    front = exact_front_by_counts(space, truth.unary, by_counts, truth.pair, truth.intercept, max_cells=8_000_000)
+    return np.stack([front.quality, front.speed], axis=1), time.perf_counter() - t0
 
 
 class FittedExpansion:
@@ -111,7 +107,7 @@ def main() -> int:
                 # a fitted quality is the same for every search seed: its exact front is computed once per condition
                 key = (context, policy) if fitted is not None else (context, policy, seed)
                 if key not in fronts:
-                    fronts[key] = exact(space, truth, table, speed, context, policy)
+                    fronts[key] = exact(space, truth, speed)
                 points, dp_s = fronts[key]
                 ref = (float(np.min(quality([Placement.uniform(m, space) for m in space.mixers])[0])), 0.0)
                 hv_exact = hypervolume(points, ref)

@@ -298,3 +298,70 @@ def test_build_table_from_raw(spec):
     broken = {**raw, "pieces": [r for r in pieces if not (r.get("mixer") == "attention" and r.get("context") == 4096)]}
     with pytest.raises(CostModelError, match="'attention' depends on the context and was not measured at 4096"):
         build_table(broken, spec, contexts=CONTEXTS)
+
+
+def ctx_cost(mixer: str, context: int, batch: int) -> float:
+    """A synthetic step-wide cost (RoPE tables, slots, validity mask): attention's grows with the context."""
+    return 0.03 + 1e-5 * batch + (1e-7 * context if mixer == "attention" else 0.0)
+
+
+def test_step_context_built_once_per_step(spec):
+    """Layer pieces of k blocks hold 1/k of the step context; the table takes it out of the layer curve and adds it
+    once per step for each attention mixer the placement has, at the step's context and batch."""
+    k = 4
+    pieces, step_context = [], []
+    for b in BATCHES:
+        pieces.append({"kind": "head", "batch": b, "ms": head_cost(b)})
+        pieces.append({"kind": "shared", "batch": b, "ms": 0.3})
+        for m in MIXERS:
+            for c in CONTEXTS if m == "attention" else (32768,):
+                ctx = ctx_cost(m, c, b) / k if m in ("attention", "sliding_window") else 0.0
+                pieces.append({"kind": "layer", "mixer": m, "context": c, "batch": b, "k": k,
+                               "ms": layer_cost(m, c, b) + ctx})  # fmt: skip
+    for m, ctxs in (("attention", CONTEXTS), ("sliding_window", (32768,))):
+        for c in ctxs:
+            step_context += [{"mixer": m, "context": c, "batch": b, "ms": ctx_cost(m, c, b)} for b in (1, 1024)]
+    raw = {"meta": {"gpu": "Test GPU", "device_memory_gib": 139.8}, "pieces": pieces, "step_context": step_context}
+    t = build_table(raw, spec, contexts=CONTEXTS)
+    assert set(t.step_context) == {"attention", "sliding_window"}
+    assert t.step_context["sliding_window"][4096] == t.step_context["sliding_window"][32768]  # context-independent
+    for c in CONTEXTS:
+        for b in BATCHES:  # the layer curves are the blocks' own cost
+            for m in MIXERS:
+                assert t.layer_ms(m, c, b) == pytest.approx(layer_cost(m, c, b), rel=1e-9)
+    p = ["attention"] * 3 + ["sliding_window"] * 20 + ["gdn"] * 25
+    for c, b in ((4096, 1), (32768, 8), (32768, 1024)):
+        want = head_cost(b) + sum(layer_cost(m, c, b) for m in p) + ctx_cost("attention", c, b) + ctx_cost(
+            "sliding_window", c, b)
+        assert t.step_ms(p, c, b) == pytest.approx(want, rel=1e-9)
+    # a placement without attention layers pays none; an all-attention step pays once, not 48 / k times
+    assert t.step_ms(["gdn"] * 48, 32768, 8) == pytest.approx(head_cost(8) + 48 * layer_cost("gdn", 32768, 8))
+    assert t.step_ms(["attention"] * 48, 32768, 8) == pytest.approx(
+        head_cost(8) + 48 * layer_cost("attention", 32768, 8) + ctx_cost("attention", 32768, 8))
+    # between grid contexts the step context is interpolated like the layers
+    assert t.step_context_ms(["attention"], 18432, 8) == pytest.approx(ctx_cost("attention", 18432, 8))
+    # written and read back unchanged; the idealized constants include the all-X step's context once
+    t2 = CostTable.from_dict(t.to_dict())
+    assert t2.to_dict()["step_context_ms"] == t.to_dict()["step_context_ms"]  # (times rounded to 1 ns on write)
+    assert t2.step_ms(p, 32768, 8) == pytest.approx(t.step_ms(p, 32768, 8), abs=1e-5)
+    ideal = t.idealized["layer_ms"]["attention"]
+    per_step = head_cost(16) + ctx_cost("attention", 32768, 16)
+    assert ideal == pytest.approx(layer_cost("attention", 32768, 16) + per_step / 48, abs=1e-6)
+    # attention's context is needed at every context its layers were measured at
+    kept = [r for r in step_context if not (r["mixer"] == "attention" and r["context"] == 4096)]
+    broken = {**raw, "step_context": kept}
+    with pytest.raises(CostModelError, match="step context of 'attention' was not measured at context 4096"):
+        build_table(broken, spec, contexts=CONTEXTS)
+
+
+def test_step_context_malformed(spec):
+    data = table_dict(spec)
+    data["step_context_ms"] = {"mamba": {}}
+    with pytest.raises(CostModelError, match=r"^bad\.json: step_context_ms: mixer 'mamba' is not in model\.mixers"):
+        CostTable.from_dict(data, source="bad.json")
+    data["step_context_ms"] = {"attention": {"4096": {"batches": [1], "ms": [0.03]}}}
+    with pytest.raises(CostModelError, match=r"step_context_ms\.attention: missing context 32768"):
+        CostTable.from_dict(data, source="bad.json")
+    data["step_context_ms"] = {"attention": {str(c): {"batches": [1], "ms": [-1.0]} for c in CONTEXTS}}
+    with pytest.raises(CostModelError, match=r"step_context_ms\.attention\.4096\.ms\[0\]: expected a positive time"):
+        CostTable.from_dict(data, source="bad.json")

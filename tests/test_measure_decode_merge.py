@@ -51,3 +51,16 @@ def test_merge_takes_pieces_from_one_run_and_filtered_rows_from_others(benchmark
     assert [r["run_id"] for r in merged["whole"] if r["tag"] == "validation"] == ["new"]
     assert [r["run_id"] for r in merged["prefill"]] == ["old"] and merged["memory_check"] == []
     assert [r["source"] for r in merged["meta"]["runs"]] == ["new", "redo:whole@engine", "old:prefill"]
+
+
+def test_merge_takes_step_context_rows_from_the_run_that_names_them(benchmark_module) -> None:
+    """The step-context rows (the attention mixers' step-wide work) of a later short run join an earlier run's
+    pieces; the earlier run's own (none, or older ones left out by its suffix) do not."""
+    md = benchmark_module("measure_decode")
+    main = {**_raw("main", ("all-gdn",), pieces=True), "step_context": [{"mixer": "attention", "ms": 9.0}]}
+    ctx = {**_raw("ctx", (), pieces=False), "step_context": [{"mixer": "attention", "context": 4096, "batch": 1,
+                                                              "ms": 0.03}]}  # fmt: skip
+    merged = md.merge_raw([md.select_sections(main, "pieces+whole@engine"), md.select_sections(ctx, "step_context")],
+                          ["main:pieces+whole@engine", "ctx:step_context"])  # fmt: skip
+    assert [(r["ms"], r["run"]) for r in merged["step_context"]] == [(0.03, "ctx:step_context")]
+    assert merged["meta"]["pieces_from"] == "main:pieces+whole@engine" and merged["prefill"] == []
