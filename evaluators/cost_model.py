@@ -456,38 +456,15 @@ class CostTable:
         layer_ms = data["layer_ms"]
         if not isinstance(layer_ms, Mapping):
             raise CostModelError("layer_ms: expected an object of mixer -> context -> curve")
-        layers: dict[str, dict[int, Curve]] = {}
         for m in mixers:
             if m not in layer_ms:
                 raise CostModelError(f"layer_ms: missing mixer {m!r}")
-            per = layer_ms[m]
-            if not isinstance(per, Mapping):
-                raise CostModelError(f"layer_ms.{m}: expected an object of context -> curve")
-            layers[m] = {}
-            for c in ctx:
-                if str(c) not in per:
-                    raise CostModelError(f"layer_ms.{m}: missing context {c}")
-                layers[m][c] = Curve.from_dict(per[str(c)], f"layer_ms.{m}.{c}")
-            extra_ctx = sorted(set(per) - {str(c) for c in ctx})
-            if extra_ctx:
-                raise CostModelError(f"layer_ms.{m}: context {extra_ctx[0]!r} is not in contexts")
-        extra_mixers = sorted(set(layer_ms) - set(mixers))
-        if extra_mixers:
-            raise CostModelError(f"layer_ms: mixer {extra_mixers[0]!r} is not in model.mixers")
+        layers = _curves_by_mixer_and_context(layer_ms, mixers, ctx, "layer_ms")
+        layers = {m: layers[m] for m in mixers}  # in the model's order
         step_ctx_ms = data.get("step_context_ms") or {}
         if not isinstance(step_ctx_ms, Mapping):
             raise CostModelError("step_context_ms: expected an object of mixer -> context -> curve")
-        step_context: dict[str, dict[int, Curve]] = {}
-        for m, per in step_ctx_ms.items():
-            if m not in mixers:
-                raise CostModelError(f"step_context_ms: mixer {m!r} is not in model.mixers")
-            if not isinstance(per, Mapping):
-                raise CostModelError(f"step_context_ms.{m}: expected an object of context -> curve")
-            step_context[m] = {}
-            for c in ctx:
-                if str(c) not in per:
-                    raise CostModelError(f"step_context_ms.{m}: missing context {c}")
-                step_context[m][c] = Curve.from_dict(per[str(c)], f"step_context_ms.{m}.{c}")
+        step_context = _curves_by_mixer_and_context(step_ctx_ms, mixers, ctx, "step_context_ms")
         try:
             overheads = RuntimeOverheads.from_dict(dict(data["memory"]), "memory")
         except (MemoryModelError, TypeError, ValueError) as e:
@@ -748,6 +725,28 @@ def smooth_curve(curve: Curve, from_batch: int) -> Curve:
     for i, x in zip(idx, xs, strict=True):
         ms[i] = my + slope * (x - mx)
     return Curve(curve.batches, tuple(ms))
+
+
+def _curves_by_mixer_and_context(
+    data: Mapping[str, Any], mixers: Sequence[str], contexts: Sequence[int], key: str
+) -> dict[str, dict[int, Curve]]:
+    """``data[mixer][context]`` curves (``key``: where in the table, for errors): every mixer of ``data`` one of
+    ``mixers``, every one of ``contexts`` present and no other."""
+    out: dict[str, dict[int, Curve]] = {}
+    for m, per in data.items():
+        if m not in mixers:
+            raise CostModelError(f"{key}: mixer {m!r} is not in model.mixers")
+        if not isinstance(per, Mapping):
+            raise CostModelError(f"{key}.{m}: expected an object of context -> curve")
+        out[m] = {}
+        for c in contexts:
+            if str(c) not in per:
+                raise CostModelError(f"{key}.{m}: missing context {c}")
+            out[m][c] = Curve.from_dict(per[str(c)], f"{key}.{m}.{c}")
+        extra_ctx = sorted(set(per) - {str(c) for c in contexts})
+        if extra_ctx:
+            raise CostModelError(f"{key}.{m}: context {extra_ctx[0]!r} is not in contexts")
+    return out
 
 
 def _clamped(curve: Curve, batch: float) -> float:
