@@ -22,10 +22,10 @@ as a spread rather than as a difference between variants):
   launch of its own from ``N`` rows up, ``kernels.fused_decode.PRECONV_MIN_ROWS``; ``+sr<N>``: at most ``N``
   registers a thread in the GDN/KDA state kernels, ``kernels.fused_decode.STATE_MAX_REGISTERS``; ``+os<N>``: K
   ranges of the output and MLP down projections, ``kernels.projection.OUTPUT_SPLIT``; ``+ob<N>``, ``+og<N>``,
-  ``+ok<N>``, ``+ow<N>``: the mixers' output projections' columns per program, stages, K ranges and warps alone,
-  ``kernels.projection.MIXER_OUTPUT_TILES``; ``+gb<N>``, ``+gk<N>``, ``+gs<N>``, ``+gw<N>``: the same for the MLP's
-  gate/up projection, ``kernels.projection.GATED_TILES``; ``+ib<N>``, ``+ik<N>``, ``+is<N>``, ``+iw<N>``: for the
-  mixers' input projections, ``kernels.projection.INPUT_TILES``; ``+tb<N>``, ``+ts<N>``, ``+tw<N>``,
+  ``+ok<N>``, ``+ow<N>``: the mixers' output projections' columns per program, stages, K ranges and warps alone;
+  ``+gb<N>``, ``+gk<N>``, ``+gs<N>``, ``+gw<N>``: the MLP gate/up's columns, K step, stages and warps;
+  ``+ib<N>``, ``+ik<N>``, ``+is<N>``, ``+iw<N>``: the same for the mixers' input projections
+  (``kernels.projection.TILE_OVERRIDES``); ``+tb<N>``, ``+ts<N>``, ``+tw<N>``,
   ``+tp<N>``: the Triton attention decode's tiles, :data:`NUMERIC_KNOBS`), ``+oshape`` (the mixers' output
   projections on the q/k/v tiles, unsplit, as in sessions 6-9: ``kernels.projection.RESIDUAL_TILES_BY_SHAPE``).
 
@@ -76,13 +76,15 @@ NUMERIC_KNOBS = {
     "tp": (_attention, "TRITON_DECODE_PROGRAMS_PER_SM"),
 }
 KNOB_DEFAULTS = {knob: getattr(module, attr) for knob, (module, attr) in NUMERIC_KNOBS.items()}
-#: ``+<knob><N>`` for the mixers' output projections' tiles alone (``kernels.projection.MIXER_OUTPUT_TILES``): their
-#: columns per program, pipeline stages, K ranges, warps.
-TILE_KNOBS = {"ob": "BN", "og": "STAGES", "ok": "SPLIT", "ow": "num_warps"}
-#: ... and for the MLP's gate/up projection alone (``kernels.projection.GATED_TILES``): columns, K step, stages, warps.
-GATED_KNOBS = {"gb": "BN", "gk": "BK", "gs": "STAGES", "gw": "num_warps"}
-#: ... and for the mixers' input projections alone (``kernels.projection.INPUT_TILES``).
-INPUT_KNOBS = {"ib": "BN", "ik": "BK", "is": "STAGES", "iw": "num_warps"}
+#: ``+<knob><N>``: one tile setting of one projection role (``kernels.projection.TILE_OVERRIDES``): the mixers' output
+#: projections' columns per program, stages, K ranges, warps; the MLP gate/up's and the mixers' input projections'
+#: columns, K step, stages, warps.
+TILE_KNOBS = {
+    "ob": ("mixer_output", "BN"), "og": ("mixer_output", "STAGES"), "ok": ("mixer_output", "SPLIT"),
+    "ow": ("mixer_output", "num_warps"),
+    "gb": ("gated", "BN"), "gk": ("gated", "BK"), "gs": ("gated", "STAGES"), "gw": ("gated", "num_warps"),
+    "ib": ("input", "BN"), "ik": ("input", "BK"), "is": ("input", "STAGES"), "iw": ("input", "num_warps"),
+}  # fmt: skip
 
 LABELS = {"all-attention": "attention", "all-swa": "sliding_window", "all-gdn": "gdn", "all-kda": "kda"}
 
@@ -103,8 +105,7 @@ def apply_variant(name: str) -> None:
     numeric = {}  # +<knob><N>: NUMERIC_KNOBS
     for e in extras:
         knob = e.rstrip("0123456789")
-        tiles = (*TILE_KNOBS, *GATED_KNOBS, *INPUT_KNOBS)
-        if (knob in NUMERIC_KNOBS or knob in tiles) and e[len(knob) :].isdigit():
+        if (knob in NUMERIC_KNOBS or knob in TILE_KNOBS) and e[len(knob) :].isdigit():
             numeric[knob] = int(e[len(knob) :])
     known = ("tattn", "grouped", "stream", "unorm", "gates2", "oshape")
     unknown = [e for e in extras if e not in known and e.rstrip("0123456789") not in numeric]
@@ -114,7 +115,7 @@ def apply_variant(name: str) -> None:
         raise SystemExit(
             f"unknown variant {name!r}: expected nopdl, pdl, pdl_early or pdl_late (optionally _pf<lines>), "
             "then optionally +tattn or +grouped, +stream, +unorm, +gates2, +oshape, "
-            + ", ".join(f"+{k}<N>" for k in (*NUMERIC_KNOBS, *TILE_KNOBS, *GATED_KNOBS, *INPUT_KNOBS))
+            + ", ".join(f"+{k}<N>" for k in (*NUMERIC_KNOBS, *TILE_KNOBS))
         )
     kb.PDL, kp.PDL_PREFETCH_LINES = head != "nopdl", int(pf or 0)
     kb.PDL_TRIGGER = {"pdl_early": "enter", "pdl_late": "late"}.get(base, "exit")
@@ -125,9 +126,10 @@ def apply_variant(name: str) -> None:
     kp.RESIDUAL_TILES_BY_SHAPE = "oshape" in extras
     for knob, (module, attr) in NUMERIC_KNOBS.items():
         setattr(module, attr, numeric.get(knob, KNOB_DEFAULTS[knob]))
-    kp.MIXER_OUTPUT_TILES = {key: numeric[knob] for knob, key in TILE_KNOBS.items() if knob in numeric}
-    kp.GATED_TILES = {key: numeric[knob] for knob, key in GATED_KNOBS.items() if knob in numeric}
-    kp.INPUT_TILES = {key: numeric[knob] for knob, key in INPUT_KNOBS.items() if knob in numeric}
+    kp.TILE_OVERRIDES = {}
+    for knob, (role, key) in TILE_KNOBS.items():
+        if knob in numeric:
+            kp.TILE_OVERRIDES.setdefault(role, {})[key] = numeric[knob]
 
 
 def placement_of(spec, label: str) -> list[str]:

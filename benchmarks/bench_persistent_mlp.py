@@ -17,8 +17,9 @@ of the copy rate at batch 1, the best persistent grid 91% (7-8% slower), so the 
   output, so this is safe before the barrier).
 
 ``G`` must let every program be resident at once (the barrier waits for all of them): at most 132 SMs x programs
-per SM. The gate/up half runs the runtime's tiles (32 columns, 128-wide K steps, 3 stages) with the same rounding,
-so its output is bit-equal to ``gated_linear``'s; the down half sums ``S`` K ranges where the runtime sums 2, so it
+per SM. The gate/up half runs 32 columns, 128-wide K steps, 3 stages (the runtime's tiles when measured; it now
+runs 64 columns, which sum the same K tiles in the same order) with the same rounding, so its output is bit-equal
+to ``gated_linear``'s; the down half sums ``S`` K ranges where the runtime sums 2, so it
 is compared with a tolerance (fp32 sums in another order, then one bf16 rounding: 2^-7 relative).
 
 Timing: ``--layers`` MLPs with their own weights (more bytes than L2 holds) one after the other in a CUDA graph,
@@ -52,7 +53,8 @@ from placement_search.kernels._projection_triton import _skinny_epilogue
 from placement_search.kernels.backend import SKINNY_MAX_ROWS, pdl_launch
 
 HIDDEN, INTER = 5120, 14336
-#: gate/up tiles (the runtime's: kernels.projection._skinny_config, gated) and the down projection's
+#: gate/up tiles (the runtime's when measured; since then it runs 64 columns a program, the same sums) and the down
+#: projection's
 GU = {"BN": 32, "BK": 128, "STAGES": 3}
 DOWN = {"BN": 32, "BK": 128, "STAGES": 4}
 VARIANTS = "two,p224_s7,p112_s7,p64_s2,p224_s7_pf4"

@@ -83,15 +83,13 @@ SPLIT_K_OUTPUT_PROJECTIONS = True
 #: Their K ranges: 2, the sweep's choice at batch 1 and 16; on the whole step 3 came within -0.2% (batch 1) and +0.3%
 #: (B = 16), 4 slower at both (results/decode_step_ab_os_h200.json).
 OUTPUT_SPLIT = 2
-#: The mixers' output projections' tiles alone ([5120, 4096]: K <= 8192), when set (benchmarks: ``BN``, ``STAGES``,
-#: ``SPLIT``, ``num_warps`` replacing the output projections' defaults above for them only). On the H200, 16 columns
-#: unsplit, 64 in 4 K ranges and 16 in 2 came within -0.25% to +2.5% of the defaults on the whole step
-#: (results/decode_step_ab_otiles_h200.json): none kept.
-MIXER_OUTPUT_TILES: dict[str, int] = {}
-#: The same for the MLP's gate/up projection (benchmarks).
-GATED_TILES: dict[str, int] = {}
-#: The same for the mixers' input projections (benchmarks).
-INPUT_TILES: dict[str, int] = {}
+#: Tile settings (``BN``, ``BK``, ``STAGES``, ``SPLIT``, ``num_warps``) replacing the defaults of one projection
+#: role (benchmarks: ``ab_decode_step.py``'s tile knobs): ``"gated"`` (the MLP's gate/up), ``"mixer_output"`` (the
+#: mixers' output projections [5120, 4096]), ``"mlp_down"``, ``"input"`` (the mixers' packed input projections),
+#: ``"lm_head"``. On the H200 the mixers' output projections on 16 columns unsplit, 64 in 4 K ranges or 16 in 2 came
+#: within -0.25% to +2.5% of the defaults on the whole step (results/decode_step_ab_otiles_h200.json), the input
+#: projections on 64 columns within -0.23% / +0.2% (decode_step_ab_itiles_h200.json): none kept.
+TILE_OVERRIDES: dict[str, dict[str, int]] = {}
 #: Which projections get the output projections' tiles: False (the default), every projection that adds a residual
 #: (the mixers' output projections [5120, 4096] and the MLP down projection); True, the rule of sessions 6-9, by
 #: shape (``N <= K``), which left the output projections ([5120, 4096]: N > K) on the q/k/v tiles (to compare:
@@ -107,29 +105,31 @@ def skinny_config(n: int, k: int, gated: bool, residual: bool = False) -> dict[s
     (results/projection_kernels_h200.json; split-K: results/projection_splitk_h200.json) at the 15B shapes, batch 1
     and 16. ``SPLIT_OVERRIDE``, ``SPLIT_K_OUTPUT_PROJECTIONS`` and ``RESIDUAL_TILES_BY_SHAPE`` change the defaults
     (benchmarks)."""
-    cfg = _skinny_config(n, k, gated, residual)
+    role, cfg = _skinny_config(n, k, gated, residual)
+    cfg.update(TILE_OVERRIDES.get(role, {}))
     if SPLIT_OVERRIDE is not None:
         cfg["SPLIT"] = SPLIT_OVERRIDE
     return cfg
 
 
-def _skinny_config(n: int, k: int, gated: bool, residual: bool) -> dict[str, int]:
+def _skinny_config(n: int, k: int, gated: bool, residual: bool) -> tuple[str, dict[str, int]]:
+    """The projection's role (the keys of ``TILE_OVERRIDES``) and its default tiles."""
     if gated:  # MLP gate + up [14336, 5120] x 2: 64 columns a program (224 programs, three per SM): the whole step
         # 0.2-0.4% faster than with 32 (448, five per SM; 76.6 us alone, cuBLAS + SiLU + product 83.8) at batch 1 and
         # 16, bit-equal (results/decode_step_ab_gtiles_h200.json, decode_step_ab_itiles_h200.json)
-        return {"BN": 64, "BK": 128, "STAGES": 3, "num_warps": 4, "SPLIT": 1, **GATED_TILES}
+        return "gated", {"BN": 64, "BK": 128, "STAGES": 3, "num_warps": 4, "SPLIT": 1}
     if n >= 65536:  # LM head [131072, 5120]: 306 us (cuBLAS 378)
-        return {"BN": 64, "BK": 256, "STAGES": 3, "num_warps": 4, "SPLIT": 1}
+        return "lm_head", {"BN": 64, "BK": 256, "STAGES": 3, "num_warps": 4, "SPLIT": 1}
     output = n <= k if RESIDUAL_TILES_BY_SHAPE else residual
     if n <= 8192 and k <= 16384 and output:  # output projections, MLP down [5120, 4096 / 14336]
+        role = "mixer_output" if k <= 8192 else "mlp_down"
         if SPLIT_K_OUTPUT_PROJECTIONS:
-            tiles = {"BN": 32, "BK": 128, "STAGES": 4, "num_warps": 4, "SPLIT": OUTPUT_SPLIT}
-            return {**tiles, **MIXER_OUTPUT_TILES} if k <= 8192 else tiles
-        return {"BN": 64, "BK": 256, "STAGES": 5, "num_warps": 8, "SPLIT": 1}
+            return role, {"BN": 32, "BK": 128, "STAGES": 4, "num_warps": 4, "SPLIT": OUTPUT_SPLIT}
+        return role, {"BN": 64, "BK": 256, "STAGES": 5, "num_warps": 8, "SPLIT": 1}
     if n <= 8192:  # attention q/k/v packed [6144, 5120]
-        return {"BN": 32, "BK": 256, "STAGES": 5, "num_warps": 4, "SPLIT": 1, **INPUT_TILES}
+        return "input", {"BN": 32, "BK": 256, "STAGES": 5, "num_warps": 4, "SPLIT": 1}
     # GDN / KDA packed inputs [10304 / 12576, 5120]
-    return {"BN": 32, "BK": 128, "STAGES": 5, "num_warps": 4, "SPLIT": 1, **INPUT_TILES}
+    return "input", {"BN": 32, "BK": 128, "STAGES": 5, "num_warps": 4, "SPLIT": 1}
 
 
 def split_for(n: int, k: int, bn: int, sms: int = 132, *, bk: int = 1, min_k: int = 1024) -> int:
