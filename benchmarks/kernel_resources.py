@@ -43,8 +43,6 @@ from placement_search.kernels import _projection_triton as PT
 from placement_search.kernels.projection import skinny_config, split_for
 
 TARGET = GPUTarget("cuda", 90, 32)
-#: The ``PDL`` constexpr compiled in (``kernels.backend.PDL_MODES``; ``--pdl-mode``): 1, the runtime's default.
-PDL_MODE = 1
 SM_REGS, SM_WARPS, SM_PROGRAMS, SM_SHARED = 65536, 64, 32, 228 * 1024
 #: pointer arguments that are not bf16
 POINTER_TYPES = {"state_ptr": "*fp32", "ws_ptr": "*fp32", "ss_ptr": "*fp32", "ssp_ptr": "*fp32", "lock_ptr": "*i32"}
@@ -108,12 +106,12 @@ def programs_per_sm(regs: int, num_warps: int, shared: int) -> int:
     return min(by_regs, SM_WARPS // num_warps, SM_PROGRAMS, by_shared)
 
 
-def _skinny_consts(gated: bool, residual: bool, norm: bool) -> dict[str, Any]:
+def _skinny_consts(gated: bool, residual: bool, norm: bool, pdl: int = 1) -> dict[str, Any]:
     """``skinny_linear_kernel``'s constexprs for a launch at 16 rows; the arguments that launch leaves unused are
     ``None`` (constexpr), as the runtime passes them."""
     consts: dict[str, Any] = {
         "BM": 16, "GATED": gated, "RESIDUAL": residual, "HAS_BIAS": False, "EVEN_K": True, "UPCAST": False,
-        "PDL": PDL_MODE, "PREFETCH": 0, "NORM": norm, "SSB": 64, "NORM_OUT": residual, "GROUPED": False,
+        "PDL": pdl, "PREFETCH": 0, "NORM": norm, "SSB": 64, "NORM_OUT": residual, "GROUPED": False,
         "b_ptr": None, "n1": None, "x2_off": None,
     }  # fmt: skip
     unused = []
@@ -126,21 +124,22 @@ def _skinny_consts(gated: bool, residual: bool, norm: bool) -> dict[str, Any]:
     return {**consts, **dict.fromkeys(unused)}
 
 
-def cases() -> list[tuple[str, Any, dict[str, Any], int]]:
-    """(name, kernel, constexprs, warps) as the runtime launches them at 15B sizes."""
-    state = {**GDN, "BK": 128, "L2_EPS": 1e-6, "PDL": PDL_MODE, "STREAM": False}
-    kda = {"H": 32, "D": 128, "BD": 128, "KW": 4, "KWP": 4, "L2_EPS": 1e-6, "PDL": PDL_MODE, "STREAM": False}
+def cases(pdl: int = 1) -> list[tuple[str, Any, dict[str, Any], int]]:
+    """(name, kernel, constexprs, warps) as the runtime launches them at 15B sizes, compiled with ``PDL = pdl``
+    (``kernels.backend.PDL_MODES``; 1: the runtime's)."""
+    state = {**GDN, "BK": 128, "L2_EPS": 1e-6, "PDL": pdl, "STREAM": False}
+    kda = {"H": 32, "D": 128, "BD": 128, "KW": 4, "KWP": 4, "L2_EPS": 1e-6, "PDL": pdl, "STREAM": False}
     out = []
     for pre in (False, True):
         for bv in (32, 64):  # below SMALL_BATCH rows / from there
             tag = f"BV={bv}{', PRECONV' if pre else ''}"
             out.append((f"gdn_state_kernel {tag}", FD.gdn_state_kernel, {**state, "BV": bv, "PRECONV": pre}, 4))
             out.append((f"kda_state_kernel {tag}", FD.kda_state_kernel, {**kda, "BV": bv, "PRECONV": pre}, 4))
-    finish = {**GDN, "QK_PER": 64, "BV": 128, "BQ": 64, "NORM_EPS": 1e-5, "PDL": PDL_MODE}
+    finish = {**GDN, "QK_PER": 64, "BV": 128, "BQ": 64, "NORM_EPS": 1e-5, "PDL": pdl}
     out.append(("gdn_finish_kernel", FD.gdn_finish_kernel, finish, 4))
     out.append(("kda_finish_kernel", FD.kda_finish_kernel,
-                {"D": 128, "BD": 128, "KW": 4, "KWP": 4, "NORM_EPS": 1e-5, "PDL": PDL_MODE}, 4))  # fmt: skip
-    conv = {"BR": 2, "BC": 512, "KW": 4, "PDL": PDL_MODE}
+                {"D": 128, "BD": 128, "KW": 4, "KWP": 4, "NORM_EPS": 1e-5, "PDL": pdl}, 4))  # fmt: skip
+    conv = {"BR": 2, "BC": 512, "KW": 4, "PDL": pdl}
     out.append(("conv_update_kernel 2 x 512", FD.conv_update_kernel, conv, 4))
     for name, (n, k, gated, residual, norm) in (
         ("GDN in [10304, 5120]", (10304, 5120, False, False, True)),
@@ -151,8 +150,8 @@ def cases() -> list[tuple[str, Any, dict[str, Any], int]]:
     ):
         cfg = skinny_config(n, k, gated, residual)
         split = cfg["SPLIT"] or split_for(n, k, cfg["BN"], bk=cfg["BK"])
-        consts = {**_skinny_consts(gated, residual, norm), "BN": cfg["BN"], "BK": cfg["BK"], "STAGES": cfg["STAGES"],
-                  "SPLIT": split}  # fmt: skip
+        consts = {**_skinny_consts(gated, residual, norm, pdl), "BN": cfg["BN"], "BK": cfg["BK"],
+                  "STAGES": cfg["STAGES"], "SPLIT": split}  # fmt: skip
         label = f"skinny_linear_kernel {name} {cfg['BN']}x{cfg['BK']}x{cfg['STAGES']}, SPLIT {split}"
         out.append((label, PT.skinny_linear_kernel, consts, cfg["num_warps"]))
     return out
@@ -164,11 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pdl-mode", type=int, default=1, choices=(1, 2, 3),
                     help="the PDL constexpr compiled in (kernels.backend.PDL_MODES; 1: the runtime's)")  # fmt: skip
     args = ap.parse_args(argv)
-    global PDL_MODE
-    PDL_MODE = args.pdl_mode
     rows = []
     print(f"{'kernel':66} {'warps':>5} {'regs':>5} {'stack':>6} {'shared':>7} {'per SM':>6}")
-    for name, fn, consts, warps in cases():
+    for name, fn, consts, warps in cases(args.pdl_mode):
         r = {"kernel": name, **resources(fn, consts, warps)}
         rows.append(r)
         print(f"{name:66} {warps:>5} {r['registers']:>5} {r['stack_bytes']:>6} {r['shared_bytes']:>7} "
@@ -178,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
             "date": datetime.now(UTC).isoformat(timespec="seconds"),
             "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
             "target": "cuda sm_90 (H200), compiled on this machine", "triton": triton.__version__,
-            "pdl_mode": PDL_MODE, "rows": rows,
+            "pdl_mode": args.pdl_mode, "rows": rows,
         })  # fmt: skip
         print(f"-> {args.out}")
     return 0

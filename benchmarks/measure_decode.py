@@ -251,20 +251,28 @@ class Campaign:
 
     # -- 3. pieces ------------------------------------------------------------------------------
 
+    def reference_context(self) -> int:
+        """Where a context-independent mixer's pieces are measured densely (its one curve)."""
+        return self.contexts[len(self.contexts) // 2] if not self.tiny else self.contexts[-1]
+
+    def piece_grid(self, mixer: str, context: int) -> list[int]:
+        """The batch grid of ``mixer``'s pieces at ``context``: up to the largest batch of any placement using it."""
+        coverage = COVERAGE_BUDGET_GIB * GiB if not self.tiny else self.total_bytes
+        top = self.cap(batch_upper_bound(self.spec, mixer, context, coverage, overheads=OVERHEADS))
+        return dense_batch_grid(top) if self.args.grid == "dense" else batch_grid(top)
+
     def pieces(self) -> None:
         torch, T = self.torch, self.T
         spec = self.spec
         model = T.piece_model(spec, PIECE_BLOCKS, self.device)
         bench = T.PieceBench(model, replays=self.args.replays)
-        coverage = COVERAGE_BUDGET_GIB * GiB if not self.tiny else self.total_bytes
         all_batches: set[int] = set()
-        ref = self.contexts[len(self.contexts) // 2] if not self.tiny else self.contexts[-1]
+        ref = self.reference_context()
         plan: list[tuple[str, int, list[int]]] = []
         for m in spec.mixer_names:
             indep = context_independent(spec, m, self.contexts)
             for c in self.contexts:
-                top = self.cap(batch_upper_bound(spec, m, c, coverage, overheads=OVERHEADS))
-                grid = dense_batch_grid(top) if self.args.grid == "dense" else batch_grid(top)
+                grid = self.piece_grid(m, c)
                 if indep and c != ref:
                     if c not in (self.contexts[0], self.contexts[-1]):
                         continue
@@ -325,19 +333,16 @@ class Campaign:
         spec = self.spec
         model = self.T.piece_model(spec, 1, self.device)
         bench = self.T.PieceBench(model, replays=self.args.replays)
-        coverage = COVERAGE_BUDGET_GIB * GiB if not self.tiny else self.total_bytes
-        ref = self.contexts[len(self.contexts) // 2] if not self.tiny else self.contexts[-1]
         for m in spec.mixer_names:
             if not isinstance(spec.mixer(0, m), AttentionSpec):
                 continue
             indep = context_independent(spec, m, self.contexts)
-            for c in self.contexts if not indep else (ref,):
+            for c in self.contexts if not indep else (self.reference_context(),):
                 if not self.guard(f"step_context {m}@{c}", 10):
                     return
-                top = self.cap(batch_upper_bound(spec, m, c, coverage, overheads=OVERHEADS))
-                grid = dense_batch_grid(top) if self.args.grid == "dense" else batch_grid(top)
-                spread = {grid[round(i * (len(grid) - 1) / 5)] for i in range(6)}  # both ends and four between
-                batches = sorted(spread | ({16} if top >= 16 else set()))
+                grid = self.piece_grid(m, c)  # the pieces' grid: both ends, four batches between, and 16
+                spread = {grid[round(i * (len(grid) - 1) / 5)] for i in range(6)}
+                batches = sorted(spread | ({16} if grid[-1] >= 16 else set()))
                 for b in batches:
                     try:
                         t = bench.step_context(m, c, b)

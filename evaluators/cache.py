@@ -18,11 +18,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from placement_search import kernels as K
 from placement_search.errors import PlacementSearchError
+from placement_search.kernels.backend import resolve_decode_backend
 from placement_search.spec import AttentionSpec, GDNSpec, KDASpec, MixerSpec
 
 
@@ -81,6 +83,18 @@ class KDACache:
 LayerCache = AttentionCache | GDNCache | KDACache
 
 
+class AttentionStepInputs(NamedTuple):
+    """What an attention layer's decode step reads from the :class:`StepContext` (:meth:`StepContext.attention`)."""
+
+    cos: torch.Tensor
+    sin_signed: torch.Tensor
+    slot: torch.Tensor
+    rows: torch.Tensor
+    valid: torch.Tensor
+    bias: torch.Tensor
+    lengths: torch.Tensor | None  # only where the decode backend is Triton
+
+
 class StepContext:
     """What every layer of one decode step shares, derived from the positions ``pos [B]`` once per step.
 
@@ -131,6 +145,15 @@ class StepContext:
         if key not in self._bias:
             self._bias[key] = K.decode_bias(self.valid(cache), dtype)
         return self._bias[key]
+
+    def attention(self, cache: AttentionCache, head_dim: int, theta: float, dtype: torch.dtype) -> AttentionStepInputs:
+        """Everything an attention layer's decode step reads for ``cache``: RoPE tables, write slot, row indices,
+        validity mask and its additive form, and the valid lengths where the decode backend is Triton (built once
+        per step, memoised; the cost tables time exactly this as the step context)."""
+        cos, sin_signed = self.rope(head_dim, theta, dtype)
+        triton = resolve_decode_backend("auto", self.pos.device) == "triton"
+        return AttentionStepInputs(cos, sin_signed, self.slot(cache), self.rows, self.valid(cache),
+                                   self.bias(cache, dtype), self.lengths(cache) if triton else None)  # fmt: skip
 
     def lengths(self, cache: AttentionCache) -> torch.Tensor:
         """int32 ``[B]``: how many slots of ``cache`` are valid, the first ones (:meth:`valid` as a prefix;

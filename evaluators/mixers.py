@@ -37,7 +37,6 @@ from torch import nn
 
 from placement_search import kernels as K
 from placement_search.evaluators.cache import AttentionCache, GDNCache, KDACache, StepContext
-from placement_search.kernels.backend import resolve_decode_backend
 from placement_search.spec import AttentionSpec, GDNSpec, KDASpec, MixerSpec
 
 INIT_STD = 0.02
@@ -215,15 +214,12 @@ class Attention(nn.Module):
         s = self.spec
         ctx = StepContext(pos) if ctx is None else ctx
         q, k, v = _project(self, (self.q_proj, self.k_proj, self.v_proj), x[:, 0], norm)
-        cos, sin_signed = ctx.rope(s.head_size, s.rope_theta, dtype)
+        a = ctx.attention(cache, s.head_size, s.rope_theta, dtype)
         q = K.rope_cache_write(
             q.view(b, s.heads, s.head_size), k.view(b, s.head_groups, s.head_size),
-            v.view(b, s.head_groups, s.head_size), cos, sin_signed, cache.k, cache.v, ctx.slot(cache), ctx.rows,
+            v.view(b, s.head_groups, s.head_size), a.cos, a.sin_signed, cache.k, cache.v, a.slot, a.rows,
         )  # fmt: skip
-        o = K.attention_decode(
-            q, cache.k, cache.v, ctx.valid(cache), scale=self.scale, bias=ctx.bias(cache, q.dtype),
-            lengths=ctx.lengths(cache) if resolve_decode_backend("auto", q.device) == "triton" else None,
-        )  # fmt: skip
+        o = K.attention_decode(q, cache.k, cache.v, a.valid, scale=self.scale, bias=a.bias, lengths=a.lengths)
         return _out_proj(self.o_proj, o.reshape(b, -1), residual, next_norm)
 
 

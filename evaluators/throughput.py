@@ -38,7 +38,6 @@ from placement_search import kernels as K
 from placement_search.evaluators.cache import AttentionCache, Cache, StepContext, layer_cache
 from placement_search.evaluators.memory import GiB, RuntimeOverheads, memory_breakdown
 from placement_search.evaluators.supernet import Supernet, mixers_for
-from placement_search.kernels.backend import resolve_decode_backend
 from placement_search.placement import Placement
 from placement_search.spec import AttentionSpec, ModelSpec
 
@@ -540,9 +539,8 @@ class PieceBench:
         return Timing([v / k for v in t.times_ms], t.graph_pool_bytes)
 
     def step_context(self, mixer: str, context: int, batch: int) -> Timing:
-        """What a decode step with ``mixer`` layers at ``context`` builds once for all of them, per step: the
-        :class:`StepContext` products its attention layers read (RoPE tables, write slot, row indices, validity
-        mask and its additive form; the valid lengths where the decode backend is Triton). An attention mixer only.
+        """What a decode step with ``mixer`` layers at ``context`` builds once for all of them, per step
+        (:meth:`StepContext.attention`, what its attention layers read). An attention mixer only.
 
         The cache's keys are a zero-stride view (only its size and ring matter here), so any batch fits."""
         spec = self.model.spec.mixer(0, mixer)
@@ -554,16 +552,9 @@ class PieceBench:
         cache = AttentionCache(one.k.expand(batch, *one.k.shape[1:]), one.v.expand(batch, *one.v.shape[1:]),
                                one.slots, one.ring)  # fmt: skip
         pos = torch.full((batch,), context - 1, dtype=torch.long, device=self.device)
-        dtype = self.model.dtype
-        triton_decode = resolve_decode_backend("auto", self.device) == "triton"
 
-        def fn() -> list[torch.Tensor]:
-            ctx = StepContext(pos)
-            out = [*ctx.rope(spec.head_size, spec.rope_theta, dtype), ctx.slot(cache), ctx.rows,
-                   ctx.valid(cache), ctx.bias(cache, dtype)]  # fmt: skip
-            if triton_decode:
-                out.append(ctx.lengths(cache))
-            return out
+        def fn() -> tuple:
+            return tuple(StepContext(pos).attention(cache, spec.head_size, spec.rope_theta, self.model.dtype))
 
         return self._time(fn)
 
