@@ -26,7 +26,13 @@ as a spread rather than as a difference between variants):
   ``+gb<N>``, ``+gk<N>``, ``+gs<N>``, ``+gw<N>``: the MLP gate/up's columns, K step, stages and warps;
   ``+ib<N>``, ``+ik<N>``, ``+is<N>``, ``+iw<N>``: the same for the mixers' input projections
   (``kernels.projection.TILE_OVERRIDES``); ``+tb<N>``, ``+ts<N>``, ``+tw<N>``,
-  ``+tp<N>``: the Triton attention decode's tiles, :data:`NUMERIC_KNOBS`), ``+oshape`` (the mixers' output
+  ``+tp<N>``: the Triton attention decode's tiles; ``+sp<N>``: the input projection of a GDN/KDA layer asks L2 for
+  its recurrent state when that holds at most ``N`` MiB, ``evaluators.mixers.STATE_L2_PREFETCH_MIB``; ``+sa<N>``:
+  each GDN/KDA state program asks L2 for the tile of the program ``N`` x SMs places on,
+  ``kernels.fused_decode.STATE_LOOKAHEAD_PER_SM``; ``+wp<N>``: a mixer's input projection asks L2 for the first
+  ``N`` MiB of its output projection's weight, ``evaluators.mixers.OUTPUT_WEIGHT_L2_PREFETCH_MIB``; ``+es<N>``: the
+  GDN/KDA state kernels load their state tile first from ``N`` rows up, ``kernels.fused_decode.STATE_EARLY_LOAD_MIN_ROWS``;
+  :data:`NUMERIC_KNOBS`), ``+oshape`` (the mixers' output
   projections on the q/k/v tiles, unsplit, as in sessions 6-9: ``kernels.projection.RESIDUAL_TILES_BY_SHAPE``).
 
 Correctness: before each variant's timed replays the recurrent and conv states are restored to one snapshot and
@@ -54,6 +60,7 @@ import torch
 from profile_decode_step import add_step_args, copy_bandwidth
 
 from placement_search.evaluators import Supernet, mixers_for
+from placement_search.evaluators import mixers as _mixers
 from placement_search.evaluators import throughput as T
 from placement_search.evaluators.cache import AttentionCache
 from placement_search.files import write_json_atomic
@@ -64,7 +71,8 @@ from placement_search.spec import get_spec
 _attention = sys.modules["placement_search.kernels.attention"]  # the module (the package's ``attention`` is the op)
 #: ``+<knob><N>`` sets a module constant for the variant: value columns per GDN/KDA state program (from 16 rows up);
 #: the rows from which the GDN/KDA conv step is a launch of its own; the state kernels' register cap; the output
-#: projections' K ranges; the Triton attention decode's slots per block, blocks in flight, warps and programs per SM.
+#: projections' K ranges; the Triton attention decode's slots per block, blocks in flight, warps and programs per SM;
+#: the largest GDN/KDA recurrent state (MiB) the input projection asks L2 for; the state kernels' L2 lookahead.
 NUMERIC_KNOBS = {
     "bv": (_fused_decode, "BLOCK_V"),
     "pc": (_fused_decode, "PRECONV_MIN_ROWS"),
@@ -74,6 +82,10 @@ NUMERIC_KNOBS = {
     "ts": (_attention, "TRITON_DECODE_STAGES"),
     "tw": (_attention, "TRITON_DECODE_WARPS"),
     "tp": (_attention, "TRITON_DECODE_PROGRAMS_PER_SM"),
+    "sp": (_mixers, "STATE_L2_PREFETCH_MIB"),
+    "sa": (_fused_decode, "STATE_LOOKAHEAD_PER_SM"),
+    "wp": (_mixers, "OUTPUT_WEIGHT_L2_PREFETCH_MIB"),
+    "es": (_fused_decode, "STATE_EARLY_LOAD_MIN_ROWS"),
 }
 KNOB_DEFAULTS = {knob: getattr(module, attr) for knob, (module, attr) in NUMERIC_KNOBS.items()}
 #: ``+<knob><N>``: one tile setting of one projection role (``kernels.projection.TILE_OVERRIDES``): the mixers' output

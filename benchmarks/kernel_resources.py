@@ -112,7 +112,7 @@ def _skinny_consts(gated: bool, residual: bool, norm: bool, pdl: int = 1) -> dic
     consts: dict[str, Any] = {
         "BM": 16, "GATED": gated, "RESIDUAL": residual, "HAS_BIAS": False, "EVEN_K": True, "UPCAST": False,
         "PDL": pdl, "PREFETCH": 0, "NORM": norm, "SSB": 64, "NORM_OUT": residual, "GROUPED": False,
-        "b_ptr": None, "n1": None, "x2_off": None,
+        "b_ptr": None, "n1": None, "x2_off": None, "pf_ptr": None, "pf_n": None, "PF_ELEMS": 32, "PF_LINES": 0,
     }  # fmt: skip
     unused = []
     if not gated:
@@ -127,8 +127,9 @@ def _skinny_consts(gated: bool, residual: bool, norm: bool, pdl: int = 1) -> dic
 def cases(pdl: int = 1) -> list[tuple[str, Any, dict[str, Any], int]]:
     """(name, kernel, constexprs, warps) as the runtime launches them at 15B sizes, compiled with ``PDL = pdl``
     (``kernels.backend.PDL_MODES``; 1: the runtime's)."""
-    state = {**GDN, "BK": 128, "L2_EPS": 1e-6, "PDL": pdl, "STREAM": False}
-    kda = {"H": 32, "D": 128, "BD": 128, "KW": 4, "KWP": 4, "L2_EPS": 1e-6, "PDL": pdl, "STREAM": False}
+    runtime = {"PDL": pdl, "STREAM": False, "AHEAD": 0, "EARLY": False}  # the state kernels' defaults
+    state = {**GDN, "BK": 128, "L2_EPS": 1e-6, **runtime}
+    kda = {"H": 32, "D": 128, "BD": 128, "KW": 4, "KWP": 4, "L2_EPS": 1e-6, **runtime}
     out = []
     for pre in (False, True):
         for bv in (32, 64):  # below SMALL_BATCH rows / from there

@@ -44,6 +44,29 @@ INIT_STD = 0.02
 #: ``g_b_proj``, ``[H*D, D]`` each) as one launch (``K.linear_pair``) instead of two cuBLAS calls. False: two
 #: calls (to compare: ``benchmarks/ab_decode_step.py`` variant ``+gates2``).
 PAIRED_GATE_PROJECTIONS = True
+#: A GDN/KDA decode step's input projection asks L2 for the layer's recurrent state as its programs finish (the
+#: projection's ``l2_prefetch``) when the state holds at most this many MiB (0: never), so that the state kernel
+#: reads it from L2 (to compare: ``benchmarks/ab_decode_step.py`` knob ``+sp<N>``). 4: batches 1 and 2 (2 MiB a
+#: row at 15B sizes). On the H200, whole 32K step, three runs on three machines: batch 1 all-GDN -0.17% (each run),
+#: all-KDA -0.17 / -0.19 / -0.28%, mixed -0.08..-0.11%, logits bit-equal; at batch 16 (32 MiB) +0.5% (all-GDN) and
+#: +1.5% (all-KDA) slower: the projection's tail grows by what the state kernel saves and more
+#: (results/decode_step_ab_sp_h200.json, decode_step_ab_sa_h200.json, decode_step_ab_es_h200.json).
+STATE_L2_PREFETCH_MIB = 4
+#: Otherwise a decode step's input projection asks L2 for the first this many MiB of the mixer's output-projection
+#: weight (0: none), to stream while the mixer's own kernels leave HBM idle (knob ``+wp<N>``). Off: on the H200
+#: (whole 32K step, five placements, batch 1 and 16) 16 MiB came within -0.04% / +0.38%, 24 MiB +0.1..+1.5%, the
+#: whole 40 MiB +0.3..+1.1% (results/decode_step_ab_wp_h200.json).
+OUTPUT_WEIGHT_L2_PREFETCH_MIB = 0
+
+
+def _l2_prefetch(out_weight: torch.Tensor, state: torch.Tensor | None = None) -> torch.Tensor | None:
+    """What a decode step's input projection asks L2 for (``K.linear``'s ``l2_prefetch``): the recurrent ``state``
+    when it holds at most :data:`STATE_L2_PREFETCH_MIB`, else the first :data:`OUTPUT_WEIGHT_L2_PREFETCH_MIB` of
+    the output projection's weight, else nothing."""
+    if state is not None and state.numel() * state.element_size() <= STATE_L2_PREFETCH_MIB * 2**20:
+        return state
+    n = OUTPUT_WEIGHT_L2_PREFETCH_MIB * 2**20 // out_weight.element_size()
+    return out_weight.view(-1)[: min(n, out_weight.numel())] if n and out_weight.is_contiguous() else None
 
 
 class RMSNorm(nn.Module):
@@ -107,16 +130,22 @@ def packed_weight(
 Rows = torch.Tensor | K.NormedRows
 
 
-def _project(owner: nn.Module, linears: tuple[nn.Linear, ...], x: Rows, norm: RMSNorm | None = None) -> list[torch.Tensor]:
+def _project(
+    owner: nn.Module,
+    linears: tuple[nn.Linear, ...],
+    x: Rows,
+    norm: RMSNorm | None = None,
+    prefetch: torch.Tensor | None = None,
+) -> list[torch.Tensor]:
     """``[lin(x) for lin in linears]`` (of ``norm(x)`` when given) for ``x [B, d]``: one launch over the packed
-    weight on the Triton path, the norm applied there (the results are column views of its output); the norm,
-    then one projection each, otherwise."""
+    weight on the Triton path, the norm applied there (the results are column views of its output), ``prefetch``
+    asked of L2 by it (``K.linear``'s ``l2_prefetch``); the norm, then one projection each, otherwise."""
     packed = packed_weight(owner, linears, K.plain_rows(x))
     if packed is None:
         x = K.plain_rows(x) if norm is None else norm(K.plain_rows(x))
         return [K.linear(x, lin.weight, lin.bias) for lin in linears]
     nw, eps = (None, 0.0) if norm is None else (norm.weight, norm.eps)
-    y = K.linear(x, packed, norm_weight=nw, norm_eps=eps)
+    y = K.linear(x, packed, norm_weight=nw, norm_eps=eps, l2_prefetch=prefetch)
     return list(y.split([lin.weight.shape[0] for lin in linears], dim=-1))
 
 
@@ -213,7 +242,7 @@ class Attention(nn.Module):
         b, dtype = K.plain_rows(x).shape[0], K.plain_rows(x).dtype
         s = self.spec
         ctx = StepContext(pos) if ctx is None else ctx
-        q, k, v = _project(self, (self.q_proj, self.k_proj, self.v_proj), x[:, 0], norm)
+        q, k, v = _project(self, (self.q_proj, self.k_proj, self.v_proj), x[:, 0], norm, _l2_prefetch(self.o_proj.weight))
         a = ctx.attention(cache, s.head_size, s.rope_theta, dtype)
         q = K.rope_cache_write(
             q.view(b, s.heads, s.head_size), k.view(b, s.head_groups, s.head_size),
@@ -301,7 +330,7 @@ class GDN(nn.Module):
         next_norm: RMSNorm | None = None,
     ) -> Rows:
         s = self.spec
-        qkvz, ba = _project(self, (self.in_proj_qkvz, self.in_proj_ba), x[:, 0], norm)
+        qkvz, ba = _project(self, (self.in_proj_qkvz, self.in_proj_ba), x[:, 0], norm, _l2_prefetch(self.out_proj.weight, cache.state))
         qkv, z = qkvz.split([2 * s.key_dim + s.value_dim, s.value_dim], dim=-1)
         b, a = ba.split([s.value_heads, s.value_heads], dim=-1)
         o = K.gdn_decode_step(
@@ -403,7 +432,7 @@ class KDA(nn.Module):
         next_norm: RMSNorm | None = None,
     ) -> Rows:
         inputs = (self.q_proj, self.k_proj, self.v_proj, self.f_a_proj, self.g_a_proj, self.beta_proj)
-        q, k, v, fa, ga, beta = _project(self, inputs, x[:, 0], norm)
+        q, k, v, fa, ga, beta = _project(self, inputs, x[:, 0], norm, _l2_prefetch(self.o_proj.weight, cache.state))
         f, gate = self._gate_up(fa, ga)
         o = K.kda_decode_step(
             q, k, v, f, beta, gate,

@@ -25,7 +25,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._pdl_triton import pdl_enter, pdl_release
+from ._pdl_triton import pdl_enter, pdl_release, prefetch_l2
 
 
 @triton.jit
@@ -174,21 +174,27 @@ def _l2norm_scale(x, scale, EPS: tl.constexpr):
 
 
 @triton.jit
+def _load_state(s_ptrs, s_mask, STREAM: tl.constexpr = False):
+    """The ``[BK, BV]`` fp32 state tile (with ``STREAM``: the evict-first hint)."""
+    if STREAM:
+        return tl.load(s_ptrs, mask=s_mask, other=0.0, eviction_policy="evict_first")
+    return tl.load(s_ptrs, mask=s_mask, other=0.0)
+
+
+@triton.jit
 def _delta_rule_head(
     s_ptrs,  # [BK, BV] pointers into the fp32 state
     s_mask,
+    S,  # the tile loaded from them (_load_state)
     q,  # [BK] l2-normalised, scaled
     k,  # [BK] l2-normalised
     v,  # [BV]
     decay,  # scalar or [BK, 1]
     beta,
-    STREAM: tl.constexpr = False,  # the state read and written with streaming cache hints (evict-first, .cs)
+    STREAM: tl.constexpr = False,  # the state written with the streaming cache hint (.cs)
 ):
     """One delta-rule step of one head, state updated in place; returns ``o = S^T q`` [BV] fp32."""
-    if STREAM:
-        S = tl.load(s_ptrs, mask=s_mask, other=0.0, eviction_policy="evict_first") * decay
-    else:
-        S = tl.load(s_ptrs, mask=s_mask, other=0.0) * decay
+    S = S * decay
     kv = tl.sum(S * k[:, None], axis=0)
     delta = beta * (v - kv)
     S = S + k[:, None] * delta[None, :]
@@ -197,6 +203,25 @@ def _delta_rule_head(
     else:
         tl.store(s_ptrs, S, mask=s_mask)
     return tl.sum(S * q[:, None], axis=0)
+
+
+@triton.jit
+def _prefetch_tile_ahead(state_ptr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                         AHEAD: tl.constexpr):  # fmt: skip
+    """Ask L2 for the ``[DK, BV]`` state tile of the program ``AHEAD`` places after this one in launch order (grid
+    ``[B, H, DV / BV]``, axis 0 fastest; state ``[B, H, DK, DV]`` fp32): with ``AHEAD`` the programs the GPU holds at
+    once, a program of one wave fetches a tile of the next, whose loads then hit L2 (:func:`.prefetch_l2`)."""
+    nb = tl.num_programs(0)
+    nh = tl.num_programs(1)
+    nxt = tl.program_id(0) + nb * (tl.program_id(1) + nh * tl.program_id(2)) + AHEAD
+    if nxt < nb * nh * tl.num_programs(2):
+        b = nxt % nb
+        h = (nxt // nb) % nh
+        v0 = (nxt // (nb * nh)) * BV
+        LPR: tl.constexpr = (BV + 31) // 32  # 128-byte lines (32 fp32) per tile row
+        rk = tl.minimum(tl.arange(0, BK), DK - 1)
+        cols = tl.minimum(v0 + tl.arange(0, LPR) * 32, DV - 1)
+        prefetch_l2(state_ptr + ((b * nh + h) * DK + rk[:, None]).to(tl.int64) * DV + cols[None, :])
 
 
 @triton.jit
@@ -231,6 +256,8 @@ def gdn_state_kernel(
     PDL: tl.constexpr = 0,  # programmatic dependent launch mode (backend.pdl_launch, _pdl_triton.pdl_enter)
     STREAM: tl.constexpr = False,  # streaming cache hints on the state (fused_decode.STATE_STREAM_HINTS)
     PRECONV: tl.constexpr = False,  # qkv holds the conv outputs (conv_update_kernel ran): no conv state here
+    AHEAD: tl.constexpr = 0,  # > 0: ask L2 for the state tile of the program this many places on (_prefetch_tile_ahead)
+    EARLY: tl.constexpr = False,  # the state tile loaded first (in flight during the conv and gates), not last
 ):  # fmt: skip
     """The delta-rule step of batch row ``program_id(0)``, value head ``program_id(1)``, value columns
     ``program_id(2) * BV ..`` (a ``[DK, BV]`` tile of the state).
@@ -242,6 +269,8 @@ def gdn_state_kernel(
     """
     DTYPE: tl.constexpr = o_ptr.dtype.element_ty
     pdl_enter(PDL)
+    if AHEAD > 0:
+        _prefetch_tile_ahead(state_ptr, DK, DV, BK, BV, AHEAD)
     i_b = tl.program_id(0).to(tl.int64)
     hv = tl.program_id(1)
     v0 = tl.program_id(2) * BV
@@ -249,6 +278,13 @@ def gdn_state_kernel(
     row = qkv_ptr + i_b * s_qkv
     cs = cs_ptr + i_b * s_cs_b
     nv = tl.minimum(DV - v0, BV)
+    rk = tl.arange(0, BK)
+    rv = tl.arange(0, BV)
+    vm = rv < nv
+    s_ptrs = state_ptr + ((i_b * HV + hv) * DK + rk[:, None]) * DV + v0 + rv[None, :]
+    s_mask = (rk[:, None] < DK) & vm[None, :]
+    if EARLY:
+        S = _load_state(s_ptrs, s_mask, STREAM)
     if PRECONV:
         q = _load_channels(row, i_hk * DK, DK, BK)
         k = _load_channels(row, HK * DK + i_hk * DK, DK, BK)
@@ -266,11 +302,9 @@ def gdn_state_kernel(
     beta = _rnd(tl.sigmoid(tl.load(b_ptr + i_b * s_b + hv).to(tl.float32)), DTYPE)
     a = tl.load(a_ptr + i_b * s_a + hv).to(tl.float32) + tl.load(dtb_ptr + hv).to(tl.float32)
     g = -tl.exp(tl.load(alog_ptr + hv).to(tl.float32)) * _softplus(a)
-    rk = tl.arange(0, BK)
-    rv = tl.arange(0, BV)
-    vm = rv < nv
-    s_ptrs = state_ptr + ((i_b * HV + hv) * DK + rk[:, None]) * DV + v0 + rv[None, :]
-    o = _delta_rule_head(s_ptrs, (rk[:, None] < DK) & vm[None, :], q, k, v, tl.exp(g), beta, STREAM)
+    if not EARLY:
+        S = _load_state(s_ptrs, s_mask, STREAM)
+    o = _delta_rule_head(s_ptrs, s_mask, S, q, k, v, tl.exp(g), beta, STREAM)
     pdl_release(PDL)
     tl.store(o_ptr + i_b * s_o + hv * DV + v0 + rv, _rnd(o, DTYPE).to(DTYPE), mask=vm)
 
@@ -325,18 +359,30 @@ def kda_state_kernel(
     PDL: tl.constexpr = 0,
     STREAM: tl.constexpr = False,
     PRECONV: tl.constexpr = False,  # q, k, v hold the conv outputs (conv_update_kernel ran): no conv states here
+    AHEAD: tl.constexpr = 0,  # > 0: ask L2 for the state tile of the program this many places on (_prefetch_tile_ahead)
+    EARLY: tl.constexpr = False,  # the state tile loaded first (in flight during the conv and gates), not last
 ):  # fmt: skip
     """The KDA step of batch row ``program_id(0)``, head ``program_id(1)``, value columns ``program_id(2) * BV ..``.
     q and k are read from their conv states (shifted later by :func:`kda_finish_kernel`); the v block is owned and
     shifted here. With ``PRECONV``, q, k and v are read as they are (already convolved)."""
     DTYPE: tl.constexpr = o_ptr.dtype.element_ty
     pdl_enter(PDL)
+    if AHEAD > 0:
+        _prefetch_tile_ahead(state_ptr, D, D, BD, BV, AHEAD)
     i_b = tl.program_id(0).to(tl.int64)
     i_h = tl.program_id(1)
     v0 = tl.program_id(2) * BV
     c0 = i_h * D
     off_cs = i_b * s_cs_b
     nv = tl.minimum(D - v0, BV)
+    r = tl.arange(0, BD)
+    m = r < D
+    rv = tl.arange(0, BV)
+    vm = rv < nv
+    s_ptrs = state_ptr + ((i_b * H + i_h) * D + r[:, None]) * D + v0 + rv[None, :]
+    s_mask = m[:, None] & vm[None, :]
+    if EARLY:
+        S = _load_state(s_ptrs, s_mask, STREAM)
     if PRECONV:
         q = _load_channels(q_ptr + i_b * s_q, c0, D, BD)
         k = _load_channels(k_ptr + i_b * s_k, c0, D, BD)
@@ -350,16 +396,13 @@ def kda_state_kernel(
                               s_w_k, BV, KW, KWP, DTYPE)  # fmt: skip
     q = _l2norm_scale(q, scale, L2_EPS)
     k = _l2norm_scale(k, 1.0, L2_EPS)
-    r = tl.arange(0, BD)
-    m = r < D
     f = tl.load(f_ptr + i_b * s_f + c0 + r, mask=m, other=0.0).to(tl.float32)
     f = f + tl.load(dtb_ptr + c0 + r, mask=m, other=0.0).to(tl.float32)
     g = -tl.exp(tl.load(alog_ptr + i_h).to(tl.float32)) * _softplus(f)  # [BD] per key channel
     beta = _rnd(tl.sigmoid(tl.load(beta_ptr + i_b * s_beta + i_h).to(tl.float32)), DTYPE)
-    rv = tl.arange(0, BV)
-    vm = rv < nv
-    s_ptrs = state_ptr + ((i_b * H + i_h) * D + r[:, None]) * D + v0 + rv[None, :]
-    o = _delta_rule_head(s_ptrs, m[:, None] & vm[None, :], q, k, v, tl.exp(g)[:, None], beta, STREAM)
+    if not EARLY:
+        S = _load_state(s_ptrs, s_mask, STREAM)
+    o = _delta_rule_head(s_ptrs, s_mask, S, q, k, v, tl.exp(g)[:, None], beta, STREAM)
     pdl_release(PDL)
     tl.store(o_ptr + i_b * s_o + c0 + v0 + rv, _rnd(o, DTYPE).to(DTYPE), mask=vm)
 

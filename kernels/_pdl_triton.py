@@ -6,7 +6,9 @@ stream is still running. It takes a ``PDL: tl.constexpr`` (0: off; 1, 2, 3: the 
 wrote, or writes anything; before that it may only read tensors no kernel ever writes (weights). "No kernel of
 this step writes it" is not enough: on the H200, GDN/KDA state tiles loaded before the wait under the late trigger
 gave logits 3-5e-2 off (results/decode_step_ab_late_h200.json), though the kernel that last wrote them had completed
-long before (no visibility is promised before the wait). Where its main work is done it calls :func:`pdl_release`
+long before (no visibility is promised before the wait). The same tiles loaded early but after the wait differ by as
+much (results/decode_step_ab_es_h200.json: the compiler contracts the products differently), so that difference
+may have been arithmetic rather than stale data; the rule stands, since nothing promises otherwise. Where its main work is done it calls :func:`pdl_release`
 (mode 3 triggers its dependent there). With ``PDL = 0`` (the interpreter, other GPUs, ``backend.PDL = False``) the
 helpers compile to nothing.
 
@@ -49,17 +51,35 @@ def pdl_release(PDL: tl.constexpr):
 
 
 @triton.jit
+def prefetch_l2(ptrs):
+    """``prefetch.global.L2`` of the 128-byte line holding each address of ``ptrs`` (any shape): a hint that neither
+    blocks nor returns data. It reads only L2, the device's point of coherence, so unlike a load it is safe on any
+    tensor at any time (before :func:`pdl_enter` too): it only moves bytes sooner."""
+    tl.inline_asm_elementwise(
+        "prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1
+    )
+
+
+@triton.jit
 def prefetch_rows_l2(base, stride, rows, n_rows, k_lo, k_hi, LINES: tl.constexpr):
     """Ask L2 for the first ``LINES`` 128-byte lines of 16-bit elements ``[k_lo, k_hi)`` of each row ``rows [R]`` of
-    ``base`` (row stride ``stride`` elements): ``prefetch.global.L2`` per line, a hint that neither blocks nor
-    returns data. Rows past ``n_rows`` and lines past ``k_hi`` are clamped onto valid addresses (row ``n_rows - 1``,
-    column ``k_lo``). For weights only, before :func:`pdl_enter`: their bytes start streaming while the previous
-    kernel still runs."""
+    ``base`` (row stride ``stride`` elements; :func:`prefetch_l2`). Rows past ``n_rows`` and lines past ``k_hi`` are
+    clamped onto valid addresses (row ``n_rows - 1``, column ``k_lo``). Called before :func:`pdl_enter`: the weights' bytes start streaming while
+    the previous kernel still runs."""
     ELEMS: tl.constexpr = 64  # 16-bit elements per 128-byte line (bf16 / fp16 weights: the decode path's dtypes)
     cols = k_lo + tl.arange(0, LINES) * ELEMS
     cols = tl.where(cols < k_hi, cols, k_lo)
     r = tl.minimum(rows, n_rows - 1).to(tl.int64)
-    ptrs = base + r[:, None] * stride + cols[None, :]
-    tl.inline_asm_elementwise(
-        "prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1
-    )
+    prefetch_l2(base + r[:, None] * stride + cols[None, :])
+
+
+@triton.jit
+def prefetch_share_l2(base, n, ELEMS: tl.constexpr, LINES: tl.constexpr):
+    """Ask L2 for this program's share of ``base[0:n]``, a tensor a later kernel reads: ``LINES`` 128-byte lines
+    (``ELEMS`` elements each), every ``P``-th line of the tensor from the program's linear id (``P``: the grid's
+    programs, so that the grid covers ``P * LINES`` lines), clamped onto the last line (:func:`prefetch_l2`)."""
+    total = tl.num_programs(0) * tl.num_programs(1)
+    prog = tl.program_id(0) + tl.program_id(1) * tl.num_programs(0)
+    last = (n - 1) // ELEMS
+    line = tl.minimum(prog + tl.arange(0, LINES) * total, last).to(tl.int64)
+    prefetch_l2(base + line * ELEMS)

@@ -76,7 +76,7 @@ import triton
 import triton.language as tl
 
 from ._fused_decode_triton import _rnd
-from ._pdl_triton import pdl_enter, pdl_release, prefetch_rows_l2
+from ._pdl_triton import pdl_enter, pdl_release, prefetch_rows_l2, prefetch_share_l2
 
 
 @triton.jit
@@ -134,6 +134,10 @@ def skinny_linear_kernel(
     GROUPED: tl.constexpr = False,  # columns from n1 on take their rows at x_ptr + x2_off (a second input)
     n1=0,  # a multiple of BN (GROUPED only)
     x2_off=0,  # elements from x to the second input, same strides (GROUPED only)
+    pf_ptr=None,  # a tensor the next kernels read, asked of L2 once past the main loop (PF_LINES > 0 only)
+    pf_n=0,  # its elements
+    PF_ELEMS: tl.constexpr = 32,  # its elements per 128-byte line
+    PF_LINES: tl.constexpr = 0,  # lines per program (the grid covers the tensor: prefetch_share_l2)
 ):  # fmt: skip
     """``o[:, n0:n0+BN] = epilogue(x @ W[n0:n0+BN].T)`` for ``n0 = program_id(0) * BN``; with ``SPLIT > 1``,
     program ``(pid_n, pid_k)`` sums the ``pid_k``-th of ``SPLIT`` K ranges and the last to arrive reduces; ``NORM``
@@ -202,6 +206,8 @@ def skinny_linear_kernel(
         x_ptrs += BK
         w_ptrs += BK
     pdl_release(PDL)
+    if PF_LINES > 0:  # this program's weights are read: its share of the next kernel's input streams meanwhile
+        prefetch_share_l2(pf_ptr, pf_n, PF_ELEMS, PF_LINES)
     if NORM:  # (with SPLIT > 1 the partial products are scaled: the sum of scaled partials is the same scaling)
         r = tl.rsqrt(tl.sum(ssp, axis=0) / K + eps)[:, None]
         acc *= r

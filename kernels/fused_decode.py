@@ -28,6 +28,7 @@ All paths are CUDA-graph capturable: static shapes, no host sync, states updated
 from __future__ import annotations
 
 import importlib
+import math
 import os
 from types import ModuleType
 
@@ -136,6 +137,20 @@ STATE_STREAM_HINTS = False
 #: 56-160 bytes a thread spilled (``benchmarks/kernel_resources.py``): on the H200 every cap made the step slower
 #: (all-GDN +0.9% / +9.0% / +17.3% at 16 / 64 / 256 rows with 128: results/decode_step_ab_sr_h200.json).
 STATE_MAX_REGISTERS: int | None = None
+#: Programs an SM holds of the Triton state kernels, for their L2 lookahead: where the grid is larger than the GPU
+#: holds at once (``SMs x STATE_LOOKAHEAD_PER_SM`` programs), each program first asks L2 for the state tile of
+#: the program that many places on, so that the next wave's loads hit L2. 0: off (to compare:
+#: ``benchmarks/ab_decode_step.py`` knob ``+sa<N>``). Off: on the H200 (whole 32K step) 3 (one wave ahead) made
+#: all-GDN / all-KDA 1.2% / 1.1% slower at 16 rows and 3.0% / 2.8% at 64; 6 (two waves), 0.7% / 0.6% and 5.2% /
+#: 4.2% (results/decode_step_ab_sa_h200.json).
+STATE_LOOKAHEAD_PER_SM = 0
+#: Whether the Triton state kernels load their state tile first, in flight while they compute the conv, norms and
+#: gates, instead of after them (knob ``+es<N>``: from ``N`` rows up; None: never). Not used: on the H200 (whole
+#: 32K step) all-GDN +0.2% at batch 1 and +3.2% at 16 (239 registers a thread for the 64-column tile: two
+#: programs an SM, not three), all-KDA -0.1% / +3.1% (results/decode_step_ab_es_h200.json). Its logits differ from
+#: the default's by 3-5e-2 (relative) though the load is after the PDL wait: the compiler contracts the products
+#: differently, and 48 random layers amplify an fp32 ulp that flips a bf16 rounding.
+STATE_EARLY_LOAD_MIN_ROWS: int | None = None
 #: From this many rows up the conv step runs as a launch of its own (``conv_update_kernel``: conv, SiLU, state shift
 #: over all q/k/v channels at once) and the state kernels read its outputs (``PRECONV``), instead of each state
 #: program convolving its own q, k (shared with the other programs of its head) and v. On the H200 at 15B sizes
@@ -153,6 +168,20 @@ CONV_WARPS = 4
 def _block_v(dv: int, block_v: int | None, batch: int) -> int:
     default = BLOCK_V if batch >= SMALL_BATCH else BLOCK_V // 2
     return min(_next_pow2(dv), _next_pow2(block_v or default))
+
+
+def _lookahead(state: Tensor, programs: int) -> int:
+    """The state kernels' ``AHEAD``: the programs the GPU holds at once (:data:`STATE_LOOKAHEAD_PER_SM` per SM) when
+    the grid has more (0 otherwise: one wave has nothing to fetch for)."""
+    if not STATE_LOOKAHEAD_PER_SM or state.device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return 0
+    ahead = STATE_LOOKAHEAD_PER_SM * torch.cuda.get_device_properties(state.device).multi_processor_count
+    return ahead if programs > ahead else 0
+
+
+def _early(batch: int) -> bool:
+    """The state kernels' ``EARLY`` at ``batch`` rows (:data:`STATE_EARLY_LOAD_MIN_ROWS`)."""
+    return STATE_EARLY_LOAD_MIN_ROWS is not None and batch >= STATE_EARLY_LOAD_MIN_ROWS
 
 
 def _launch_kw(bk: int, bv: int, num_warps: int | None) -> dict[str, int]:
@@ -227,11 +256,13 @@ def gdn_decode_step(
         cs_strides = (conv_state.stride(0), conv_state.stride(1), conv_state.stride(2))
         pre = B >= PRECONV_MIN_ROWS
         x = _conv_launch(tk, pdl, (qkv,), (conv_state,), (w,))[0] if pre else qkv  # the state kernel's q/k/v input
-        tk.gdn_state_kernel[(B, HV, -(-DV // bv))](
+        grid = (B, HV, -(-DV // bv))
+        tk.gdn_state_kernel[grid](
             x, x.stride(0), b, b.stride(0), a, a.stride(0), conv_state, *cs_strides,
             w, w.stride(0), w.stride(1), A_log, dt_bias, state, o, o.stride(0), scale,
             HK=HK, HV=HV, DK=DK, DV=DV, BK=bk, BV=bv, KW=kw, KWP=_next_pow2(kw), L2_EPS=L2NORM_EPS,
-            STREAM=STATE_STREAM_HINTS, PRECONV=pre, **_launch_kw(bk, bv, num_warps), **pdl,
+            STREAM=STATE_STREAM_HINTS, PRECONV=pre, AHEAD=_lookahead(state, math.prod(grid)), EARLY=_early(B),
+            **_launch_kw(bk, bv, num_warps), **pdl,
         )  # fmt: skip
         qk_per = -(-2 * HK * DK // HV)  # q/k conv channels each finishing program shifts
         tk.gdn_finish_kernel[(B, HV)](
@@ -326,11 +357,13 @@ def kda_decode_step(
             if len({t.stride(0) for t in xs}) > 1:  # one launch takes one row stride
                 xs = tuple(t.contiguous() for t in xs)
             xs = _conv_launch(tk, pdl, xs, css, tuple(ws))
-        tk.kda_state_kernel[(B, H, -(-D // bv))](
+        grid = (B, H, -(-D // bv))
+        tk.kda_state_kernel[grid](
             xs[0], xs[0].stride(0), xs[1], xs[1].stride(0), xs[2], xs[2].stride(0), f, f.stride(0), beta,
             beta.stride(0), *css, *cs_strides, *ws, w0.stride(0), w0.stride(1), A_log, dt_bias, state, o,
             o.stride(0), scale, H=H, D=D, BD=bd, BV=bv, KW=kw, KWP=_next_pow2(kw), L2_EPS=L2NORM_EPS,
-            **_launch_kw(bd, bv, num_warps), STREAM=STATE_STREAM_HINTS, PRECONV=pre, **pdl,
+            **_launch_kw(bd, bv, num_warps), STREAM=STATE_STREAM_HINTS, PRECONV=pre,
+            AHEAD=_lookahead(state, math.prod(grid)), EARLY=_early(B), **pdl,
         )  # fmt: skip
         tk.kda_finish_kernel[(B, H)](
             o, o.stride(0), gate, gate.stride(0), norm_weight, q, q.stride(0), k, k.stride(0),

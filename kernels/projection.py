@@ -132,6 +132,22 @@ def _skinny_config(n: int, k: int, gated: bool, residual: bool) -> tuple[str, di
     return "input", {"BN": 32, "BK": 128, "STAGES": 5, "num_warps": 4, "SPLIT": 1}
 
 
+#: The most 128-byte lines of an ``l2_prefetch`` tensor one program of the skinny kernel asks L2 for (more: the
+#: tensor is not prefetched; 4096 lines of 128 programs are 64 MB, more than the H200's L2 holds).
+PREFETCH_MAX_LINES = 4096
+
+
+def prefetch_lines(t: Tensor | None, programs: int) -> int:
+    """Lines of ``t`` each of ``programs`` programs asks L2 for so that together they cover it (a power of two,
+    for ``tl.arange``); 0 when there is nothing to prefetch, ``t`` is not contiguous or would need more than
+    :data:`PREFETCH_MAX_LINES` a program."""
+    if t is None or t.numel() == 0 or not t.is_contiguous() or programs < 1:
+        return 0
+    lines = -(-t.numel() * t.element_size() // 128)
+    per = 1 << (-(-lines // programs) - 1).bit_length()
+    return per if per <= PREFETCH_MAX_LINES else 0
+
+
 def split_for(n: int, k: int, bn: int, sms: int = 132, *, bk: int = 1, min_k: int = 1024) -> int:
     """A split-K factor for ``cdiv(n, bn)`` column blocks over ``k``: the smallest ``SPLIT`` whose
     ``cdiv(n, bn) * SPLIT`` programs are at least two waves of ``sms`` and fill at least 90% of their last
@@ -218,9 +234,10 @@ def _launch(
     norm_eps: float = 0.0,
     next_norm_weight: Tensor | None = None,
     pair: tuple[int, int] | None = None,
+    l2_prefetch: Tensor | None = None,
 ) -> Tensor | NormedRows:
     """One launch of the skinny kernel; ``pair = (n1, x2_off)``: columns from ``n1`` on read the rows at ``x2_off``
-    elements from ``x``'s (``GROUPED``, :func:`linear_pair`)."""
+    elements from ``x``'s (``GROUPED``, :func:`linear_pair`); ``l2_prefetch``: see :func:`linear`."""
     n, k = w.shape
     w, w2, bias = (None if t is None else t if t.stride(-1) == 1 else t.contiguous() for t in (w, w2, bias))
     rows = x if isinstance(x, NormedRows) else NormedRows(x)
@@ -264,6 +281,10 @@ def _launch(
         launch.update(NORM=True, ss_ptr=ss, nss=nss, SSB=1 << max(nss - 1, 0).bit_length(), eps=float(norm_eps))
     if pair is not None:
         launch.update(GROUPED=True, n1=pair[0], x2_off=pair[1])
+    lines = prefetch_lines(l2_prefetch, blocks * split) if x2.device.type == "cuda" else 0
+    if lines:
+        launch.update(pf_ptr=l2_prefetch, pf_n=l2_prefetch.numel(), PF_ELEMS=128 // l2_prefetch.element_size(),
+                      PF_LINES=lines)  # fmt: skip
     if produce:
         hg = torch.empty_like(out)
         ssp = torch.empty((blocks, SKINNY_MAX_ROWS), dtype=torch.float32, device=x2.device)
@@ -302,6 +323,7 @@ def linear(
     next_norm_weight: Tensor | None = None,
     backend: str = "auto",
     config: dict[str, int] | None = None,
+    l2_prefetch: Tensor | None = None,
 ) -> Tensor | NormedRows:
     """``x W^T`` (``+ residual``), of ``rms_norm(x, norm_weight, norm_eps)`` when ``norm_weight`` is given.
 
@@ -322,6 +344,10 @@ def linear(
         backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see the module docstring).
         config: Triton tile sizes (``BN``, ``BK``, ``STAGES``, ``num_warps``, optional ``SPLIT``: K ranges per
             column block, 1 when absent, 0 for :func:`split_for`'s choice); default :func:`skinny_config`.
+        l2_prefetch: optional contiguous tensor a later kernel reads (a GDN/KDA layer's recurrent state): on the
+            Triton path on CUDA each program asks L2 for its share of it once past its main loop
+            (:func:`prefetch_lines`), so that its bytes stream while the launch's tail runs. A hint: the result is
+            the same bit for bit; the other paths ignore it.
 
     Returns:
         ``[..., N]`` in ``x.dtype``; :class:`NormedRows` of it with ``next_norm_weight``.
@@ -329,7 +355,8 @@ def linear(
     res = None if residual is None else plain_rows(residual)
     ws = tuple(t for t in (weight, bias, norm_weight, next_norm_weight) if t is not None)
     if uses_triton(plain_rows(x), ws, backend) and (backend == "triton" or weight.numel() >= SKINNY_MIN_WEIGHT):
-        return _launch(x, weight, None, bias, res, config, norm_weight, norm_eps, next_norm_weight)
+        return _launch(x, weight, None, bias, res, config, norm_weight, norm_eps, next_norm_weight,
+                       l2_prefetch=l2_prefetch)  # fmt: skip
     y = F.linear(_torch_rows(x, norm_weight, norm_eps, backend), weight, bias)
     y = y if res is None else res + y
     return y if next_norm_weight is None else NormedRows(y, next_norm_weight)

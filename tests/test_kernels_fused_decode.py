@@ -128,16 +128,17 @@ def _run_all(base_seed: int) -> dict[str, dict[str, float]]:
     from placement_search.kernels import fused_decode as fd
 
     results: dict[str, dict[str, float]] = {}
-    default = fd.PRECONV_MIN_ROWS
-    for path, min_rows in (("fused", 1 << 30), ("preconv", 1)):  # conv in the state kernels / a launch of its own
-        fd.PRECONV_MIN_ROWS = min_rows
+    default = fd.PRECONV_MIN_ROWS, fd.STATE_EARLY_LOAD_MIN_ROWS
+    # conv in the state kernels / a launch of its own / in the state kernels with the state tile loaded first
+    for path, min_rows, early in (("fused", 1 << 30, None), ("preconv", 1, None), ("early", 1 << 30, 1)):
+        fd.PRECONV_MIN_ROWS, fd.STATE_EARLY_LOAD_MIN_ROWS = min_rows, early
         for i, (name, (kind, sizes)) in enumerate(CASES.items()):
             for j, dtype in enumerate((torch.float32, torch.bfloat16)):
                 fn = _gdn_case if kind == "gdn" else _kda_case
                 seed = base_seed + 2 * i + j
                 r = fn(*sizes, dtype, seed, **CASE_KW.get(name, {}))  # type: ignore[operator]
                 results[f"{name}-{str(dtype).split('.')[-1]}-{path}"] = {**r, "seed": seed}
-    fd.PRECONV_MIN_ROWS = default
+    fd.PRECONV_MIN_ROWS, fd.STATE_EARLY_LOAD_MIN_ROWS = default
     return results
 
 
@@ -146,14 +147,15 @@ def interpreted_results(triton_interpreter) -> dict[str, dict[str, float]]:
     return triton_interpreter(__file__)
 
 
-@pytest.mark.parametrize("path", ["fused", "preconv"])
+@pytest.mark.parametrize("path", ["fused", "preconv", "early"])
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_triton_matches_torch_reference(
     interpreted_results: dict[str, dict[str, float]], case: str, dtype: str, path: str
 ):
-    """Both Triton paths: the conv in the state kernels (below ``PRECONV_MIN_ROWS`` rows) and as a launch of its
-    own whose outputs the state kernels read (from there on)."""
+    """The Triton paths: the conv in the state kernels (below ``PRECONV_MIN_ROWS`` rows), as a launch of its own
+    whose outputs the state kernels read (from there on), and in the state kernels with the state tile loaded
+    first (``STATE_EARLY_LOAD_MIN_ROWS``)."""
     r = interpreted_results[f"{case}-{dtype}-{path}"]
     assert r["finite"] == 1.0
     assert r["conv_exact"] == 1.0, "conv state shift must be exact"

@@ -241,6 +241,24 @@ def test_split_for_fills_waves() -> None:
         assert skinny_config(n, k, False, residual=True) == {"BN": 32, "BK": 128, "STAGES": 4, "num_warps": 4, "SPLIT": 2}
 
 
+def test_prefetch_lines_cover_the_tensor() -> None:
+    """``l2_prefetch``'s share per program: a power of two whose multiple by the programs covers every 128-byte line
+    of the tensor (and half of it would not); nothing where a program would need more than ``PREFETCH_MAX_LINES``,
+    for a strided tensor, or for none."""
+    import torch
+
+    from placement_search.kernels.projection import PREFETCH_MAX_LINES, prefetch_lines
+
+    state = torch.zeros(1, 32, 128, 128)  # a GDN layer's state at batch 1: 2 MiB, 16384 lines
+    for programs in (5, 7, 128, 192, 322):
+        per = prefetch_lines(state, programs)
+        assert per & (per - 1) == 0 and per * programs >= 16384 > (per // 2) * programs, (programs, per)
+    assert 16384 // 2 > PREFETCH_MAX_LINES and prefetch_lines(state, 2) == 0
+    assert prefetch_lines(torch.zeros(100, dtype=torch.bfloat16), 4) == 1  # 200 bytes: two lines
+    assert prefetch_lines(state.transpose(2, 3), 322) == 0
+    assert prefetch_lines(None, 322) == prefetch_lines(state[:0], 322) == 0
+
+
 def test_linear_backend_resolution() -> None:
     import torch
 

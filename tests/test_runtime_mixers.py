@@ -124,3 +124,56 @@ def test_kda_matches_definition(spec: ModelSpec):
     gate = heads(x @ m.g_a_proj.weight.T @ m.g_b_proj.weight.T)
     expected = (_rms(o, m.norm.weight, s.norm_eps) * F.silu(gate)).reshape(2, T, -1) @ m.o_proj.weight.T
     torch.testing.assert_close(m(x, torch.arange(T)), expected, atol=ATOL, rtol=0)
+
+
+def test_input_projection_prefetch_choice(runtime_make_config, monkeypatch: pytest.MonkeyPatch):
+    """What a decode step's input projection asks L2 for (``mixers._l2_prefetch``): the recurrent state up to
+    ``STATE_L2_PREFETCH_MIB``, else the first ``OUTPUT_WEIGHT_L2_PREFETCH_MIB`` of the output projection's weight,
+    else nothing; and the GDN, KDA and attention decode steps hand it to their packed input projection (no
+    biases: a projection with biases is not packed)."""
+    from placement_search import kernels as K
+    from placement_search.evaluators import mixers as M
+    from placement_search.evaluators.cache import layer_cache
+
+    state, weight = torch.zeros(1, 4, 16, 16), torch.zeros(64, 256, dtype=torch.bfloat16)  # 16 KiB, 32 KiB
+    monkeypatch.setattr(M, "STATE_L2_PREFETCH_MIB", 1)
+    monkeypatch.setattr(M, "OUTPUT_WEIGHT_L2_PREFETCH_MIB", 0)
+    assert M._l2_prefetch(weight, state) is state
+    assert M._l2_prefetch(weight, torch.zeros(5, 64, 64, 64)) is None  # 5 MiB: too large
+    assert M._l2_prefetch(weight) is None
+    monkeypatch.setattr(M, "OUTPUT_WEIGHT_L2_PREFETCH_MIB", 1)
+    whole = M._l2_prefetch(weight)  # 1 MiB asked, the whole 32 KiB weight given
+    assert whole.data_ptr() == weight.data_ptr() and whole.numel() == weight.numel()
+    monkeypatch.setattr(M, "STATE_L2_PREFETCH_MIB", 0)
+    assert M._l2_prefetch(weight, state).numel() == weight.numel()  # the state not wanted: the weight instead
+
+    seen: list[torch.Tensor | None] = []
+    linear = K.linear
+
+    def spy(x, weight, *args, l2_prefetch=None, **kw):
+        seen.append(l2_prefetch)
+        return linear(x, weight, *args, **kw)
+
+    monkeypatch.setattr(M, "STATE_L2_PREFETCH_MIB", 1)
+    monkeypatch.setattr(M, "OUTPUT_WEIGHT_L2_PREFETCH_MIB", 0)
+    monkeypatch.setattr(K, "linear", spy)
+    monkeypatch.setattr(K, "linear_uses_triton", lambda x, ws, backend="auto": True)  # the packed (Triton) path
+    monkeypatch.setattr(K, "SKINNY_MIN_WEIGHT", 0)
+    spec = ModelSpec.from_config(runtime_make_config(), name="tiny")
+    x = torch.randn(2, 1, D, dtype=torch.float64)
+    pos = torch.tensor([3, 3])
+    for cls, name in ((GDN, "gdn"), (KDA, "kda")):
+        mixer_spec = spec.mixer(0, name)
+        m, c = _module(cls, mixer_spec), layer_cache(mixer_spec, 2, 8, device="cpu", dtype=torch.float64)
+        seen.clear()
+        with torch.no_grad():
+            m.step(x, pos, c)
+        assert seen[0] is c.state, name  # the input projection first, with the state
+    att_spec = spec.mixer(0, "attention")
+    m = _module(Attention, att_spec)
+    c = layer_cache(att_spec, 2, 8, device="cpu", dtype=torch.float64)
+    monkeypatch.setattr(M, "OUTPUT_WEIGHT_L2_PREFETCH_MIB", 1)
+    seen.clear()
+    with torch.no_grad():
+        m.step(x, pos, c)
+    assert seen[0].data_ptr() == m.o_proj.weight.data_ptr()
