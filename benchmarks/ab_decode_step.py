@@ -33,7 +33,9 @@ as a spread rather than as a difference between variants):
   ``N`` MiB of its output projection's weight, ``evaluators.mixers.OUTPUT_WEIGHT_L2_PREFETCH_MIB``; ``+es<N>``: the
   GDN/KDA state kernels load their state tile first from ``N`` rows up, ``kernels.fused_decode.STATE_EARLY_LOAD_MIN_ROWS``;
   :data:`NUMERIC_KNOBS`), ``+oshape`` (the mixers' output
-  projections on the q/k/v tiles, unsplit, as in sessions 6-9: ``kernels.projection.RESIDUAL_TILES_BY_SHAPE``).
+  projections on the q/k/v tiles, unsplit, as in sessions 6-9: ``kernels.projection.RESIDUAL_TILES_BY_SHAPE``),
+  ``+urope`` (RoPE and the KV-cache write as a launch of their own after the attention layers' q/k/v projection, as
+  before session 14: ``evaluators.mixers.FUSED_ROPE_PROJECTION = False``).
 
 Correctness: before each variant's timed replays the recurrent and conv states are restored to one snapshot and
 the step is replayed once; its logits must equal the first variant's bit for bit where the variants run the same
@@ -119,14 +121,14 @@ def apply_variant(name: str) -> None:
         knob = e.rstrip("0123456789")
         if (knob in NUMERIC_KNOBS or knob in TILE_KNOBS) and e[len(knob) :].isdigit():
             numeric[knob] = int(e[len(knob) :])
-    known = ("tattn", "grouped", "stream", "unorm", "gates2", "oshape")
+    known = ("tattn", "grouped", "stream", "unorm", "gates2", "oshape", "urope")
     unknown = [e for e in extras if e not in known and e.rstrip("0123456789") not in numeric]
     base, _, pf = head.partition("_pf")
     modes = ("pdl", "pdl_early", "pdl_late")
     if unknown or (head != "nopdl" and (base not in modes or not (pf.isdigit() or pf == ""))):
         raise SystemExit(
             f"unknown variant {name!r}: expected nopdl, pdl, pdl_early or pdl_late (optionally _pf<lines>), "
-            "then optionally +tattn or +grouped, +stream, +unorm, +gates2, +oshape, "
+            "then optionally +tattn or +grouped, +stream, +unorm, +gates2, +oshape, +urope, "
             + ", ".join(f"+{k}<N>" for k in (*NUMERIC_KNOBS, *TILE_KNOBS))
         )
     kb.PDL, kp.PDL_PREFETCH_LINES = head != "nopdl", int(pf or 0)
@@ -135,6 +137,7 @@ def apply_variant(name: str) -> None:
     fd.STATE_STREAM_HINTS = "stream" in extras
     kp.FUSE_NORM = "unorm" not in extras
     em.PAIRED_GATE_PROJECTIONS = "gates2" not in extras
+    em.FUSED_ROPE_PROJECTION = "urope" not in extras
     kp.RESIDUAL_TILES_BY_SHAPE = "oshape" in extras
     for knob, (module, attr) in NUMERIC_KNOBS.items():
         setattr(module, attr, numeric.get(knob, KNOB_DEFAULTS[knob]))

@@ -45,7 +45,8 @@ from placement_search.kernels.projection import skinny_config, split_for
 TARGET = GPUTarget("cuda", 90, 32)
 SM_REGS, SM_WARPS, SM_PROGRAMS, SM_SHARED = 65536, 64, 32, 228 * 1024
 #: pointer arguments that are not bf16
-POINTER_TYPES = {"state_ptr": "*fp32", "ws_ptr": "*fp32", "ss_ptr": "*fp32", "ssp_ptr": "*fp32", "lock_ptr": "*i32"}
+POINTER_TYPES = {"state_ptr": "*fp32", "ws_ptr": "*fp32", "ss_ptr": "*fp32", "ssp_ptr": "*fp32", "lock_ptr": "*i32",
+                 "cos_ptr": "*fp32", "sin_ptr": "*fp32", "slot_ptr": "*i64"}  # fmt: skip
 FLOAT_ARGS = {"scale", "eps"}
 GDN = {"HK": 8, "HV": 32, "DK": 128, "DV": 128, "KW": 4, "KWP": 4}
 
@@ -113,6 +114,9 @@ def _skinny_consts(gated: bool, residual: bool, norm: bool, pdl: int = 1) -> dic
         "BM": 16, "GATED": gated, "RESIDUAL": residual, "HAS_BIAS": False, "EVEN_K": True, "UPCAST": False,
         "PDL": pdl, "PREFETCH": 0, "NORM": norm, "SSB": 64, "NORM_OUT": residual, "GROUPED": False,
         "b_ptr": None, "n1": None, "x2_off": None, "pf_ptr": None, "pf_n": None, "PF_ELEMS": 32, "PF_LINES": 0,
+        "ROPE": False, "HD": 128,
+        **dict.fromkeys(("nq", "nk", "cos_ptr", "sin_ptr", "s_tab", "slot_ptr", "kc_ptr", "vc_ptr", "s_cb", "s_cs",
+                         "s_ch")),
     }  # fmt: skip
     unused = []
     if not gated:
@@ -155,6 +159,15 @@ def cases(pdl: int = 1) -> list[tuple[str, Any, dict[str, Any], int]]:
                   "STAGES": cfg["STAGES"], "SPLIT": split}  # fmt: skip
         label = f"skinny_linear_kernel {name} {cfg['BN']}x{cfg['BK']}x{cfg['STAGES']}, SPLIT {split}"
         out.append((label, PT.skinny_linear_kernel, consts, cfg["num_warps"]))
+    # the attention q/k/v projection with RoPE and the cache write (kernels.projection.linear_rope_cache)
+    cfg = skinny_config(6144, 5120, False)
+    rope = {**_skinny_consts(False, False, True, pdl), "BN": cfg["BN"] // 2, "BK": cfg["BK"], "STAGES": cfg["STAGES"],
+            "SPLIT": 1, "ROPE": True}  # fmt: skip
+    for arg in ("w2_ptr", "s_w2n", "nq", "nk", "cos_ptr", "sin_ptr", "s_tab", "slot_ptr", "kc_ptr", "vc_ptr", "s_cb",
+                "s_cs", "s_ch"):  # fmt: skip
+        rope.pop(arg)
+    label = f"skinny_linear_kernel q/k/v + RoPE [6144, 5120] {rope['BN']} pairs x{cfg['BK']}x{cfg['STAGES']}"
+    out.append((label, PT.skinny_linear_kernel, rope, cfg["num_warps"]))
     return out
 
 

@@ -44,6 +44,10 @@ INIT_STD = 0.02
 #: ``g_b_proj``, ``[H*D, D]`` each) as one launch (``K.linear_pair``) instead of two cuBLAS calls. False: two
 #: calls (to compare: ``benchmarks/ab_decode_step.py`` variant ``+gates2``).
 PAIRED_GATE_PROJECTIONS = True
+#: Whether an attention layer's decode step on the Triton path runs RoPE and the KV-cache write in its q/k/v
+#: projection's epilogue (``K.linear_rope_cache``: one launch) instead of a launch of their own after it
+#: (``K.rope_cache_write``). False: two launches (to compare: ``benchmarks/ab_decode_step.py`` variant ``+urope``).
+FUSED_ROPE_PROJECTION = True
 #: A GDN/KDA decode step's input projection asks L2 for the layer's recurrent state as its programs finish (the
 #: projection's ``l2_prefetch``) when the state holds at most this many MiB (0: never), so that the state kernel
 #: reads it from L2 (to compare: ``benchmarks/ab_decode_step.py`` knob ``+sp<N>``). 4: batches 1 and 2 (2 MiB a
@@ -53,7 +57,8 @@ PAIRED_GATE_PROJECTIONS = True
 #: (results/decode_step_ab_sp_h200.json, decode_step_ab_sa_h200.json, decode_step_ab_es_h200.json).
 STATE_L2_PREFETCH_MIB = 4
 #: Otherwise a decode step's input projection asks L2 for the first this many MiB of the mixer's output-projection
-#: weight (0: none), to stream while the mixer's own kernels leave HBM idle (knob ``+wp<N>``). Off: on the H200
+#: weight (0: none), to stream while the mixer's own kernels leave HBM idle (knob ``+wp<N>``; not on attention's
+#: fused q/k/v + RoPE launch, ``FUSED_ROPE_PROJECTION``, which came after it). Off: on the H200
 #: (whole 32K step, five placements, batch 1 and 16) 16 MiB came within -0.04% / +0.38%, 24 MiB +0.1..+1.5%, the
 #: whole 40 MiB +0.3..+1.1% (results/decode_step_ab_wp_h200.json).
 OUTPUT_WEIGHT_L2_PREFETCH_MIB = 0
@@ -242,12 +247,21 @@ class Attention(nn.Module):
         b, dtype = K.plain_rows(x).shape[0], K.plain_rows(x).dtype
         s = self.spec
         ctx = StepContext(pos) if ctx is None else ctx
-        q, k, v = _project(self, (self.q_proj, self.k_proj, self.v_proj), x[:, 0], norm, _l2_prefetch(self.o_proj.weight))
         a = ctx.attention(cache, s.head_size, s.rope_theta, dtype)
-        q = K.rope_cache_write(
-            q.view(b, s.heads, s.head_size), k.view(b, s.head_groups, s.head_size),
-            v.view(b, s.head_groups, s.head_size), a.cos, a.sin_signed, cache.k, cache.v, a.slot, a.rows,
-        )  # fmt: skip
+        inputs = (self.q_proj, self.k_proj, self.v_proj)
+        packed = packed_weight(self, inputs, K.plain_rows(x)[:, 0]) if FUSED_ROPE_PROJECTION else None
+        if packed is not None and K.rope_fits(packed, s.heads, s.head_groups, cache.k, cache.v):
+            nw, eps = (None, 0.0) if norm is None else (norm.weight, norm.eps)
+            q = K.linear_rope_cache(
+                x[:, 0], packed, s.heads, s.head_groups, a.cos, a.sin_signed, a.slot, cache.k, cache.v,
+                norm_weight=nw, norm_eps=eps,
+            )  # fmt: skip
+        else:
+            q, k, v = _project(self, inputs, x[:, 0], norm, _l2_prefetch(self.o_proj.weight))
+            q = K.rope_cache_write(
+                q.view(b, s.heads, s.head_size), k.view(b, s.head_groups, s.head_size),
+                v.view(b, s.head_groups, s.head_size), a.cos, a.sin_signed, cache.k, cache.v, a.slot, a.rows,
+            )  # fmt: skip
         o = K.attention_decode(q, cache.k, cache.v, a.valid, scale=self.scale, bias=a.bias, lengths=a.lengths)
         return _out_proj(self.o_proj, o.reshape(b, -1), residual, next_norm)
 

@@ -23,7 +23,16 @@ from .delta_rule import (
 from .fused_decode import gdn_decode_step, kda_decode_step
 from .kda import kda, kda_gate, kda_step
 from .norm import rms_norm
-from .projection import SKINNY_MIN_WEIGHT, NormedRows, gated_linear, linear, linear_pair, plain_rows
+from .projection import (
+    SKINNY_MIN_WEIGHT,
+    NormedRows,
+    gated_linear,
+    linear,
+    linear_pair,
+    linear_rope_cache,
+    plain_rows,
+    rope_fits,
+)
 from .projection import uses_triton as linear_uses_triton
 from .rope import apply_rope, apply_rope_tables, rope_cache_write, rope_cos_sin, rope_step_tables, rotate_half
 
@@ -55,12 +64,14 @@ __all__ = [
     "l2norm",
     "linear",
     "linear_pair",
+    "linear_rope_cache",
     "linear_uses_triton",
     "naive_delta_rule",
     "plain_rows",
     "rms_norm",
     "rope_cache_write",
     "rope_cos_sin",
+    "rope_fits",
     "rope_step_tables",
     "rotate_half",
 ]

@@ -8,12 +8,12 @@ this step writes it" is not enough: on the H200, GDN/KDA state tiles loaded befo
 gave logits 3-5e-2 off (results/decode_step_ab_late_h200.json), though the kernel that last wrote them had completed
 long before (no visibility is promised before the wait). The same tiles loaded early but after the wait differ by as
 much (results/decode_step_ab_es_h200.json: the compiler contracts the products differently), so that difference
-may have been arithmetic rather than stale data; the rule stands, since nothing promises otherwise. Where its main work is done it calls :func:`pdl_release`
-(mode 3 triggers its dependent there). With ``PDL = 0`` (the interpreter, other GPUs, ``backend.PDL = False``) the
+may have been arithmetic rather than stale data; the rule stands, since nothing promises otherwise. Where its main
+work is done it calls :func:`pdl_release` (mode 3 triggers its dependent there). With ``PDL = 0`` (the interpreter, other GPUs, ``backend.PDL = False``) the
 helpers compile to nothing.
 
 Measured on the H200 (results/decode_step_ab_h200.json): mode 1 makes the whole 15B decode step 0.2-1.0% faster;
-mode 2 and any weight prefetch make it slower, so the runtime launches mode 1 without prefetch.
+mode 2 and any weight prefetch make it slower, so the runtime launches mode 1 without weight prefetch.
 """
 
 from __future__ import annotations

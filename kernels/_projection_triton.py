@@ -15,6 +15,12 @@ a launch and a round trip of the activation each:
 - ``GROUPED``: two products in one launch, ``[x W[:n1]^T | x2 W[n1:]^T]``: the programs of the columns from ``n1``
   (a multiple of ``BN``) on read their rows from a second input ``x2`` at a fixed offset from ``x`` (KDA's two
   low-rank gate up-projections, which would otherwise be two small launches of their own).
+- ``ROPE``: an attention layer's packed ``[q | k | v]`` projection (heads of ``HD`` columns) with RoPE and the
+  KV-cache write in its epilogue (what :func:`._rope_triton.rope_cache_write_kernel` does after the plain
+  projection, one launch fewer). A program owns ``BN`` rotation pairs, columns ``j`` and ``j + HD/2`` of a head: it
+  streams their two sets of weight rows into two accumulators (as ``GATED`` streams its two weights), rounds each
+  product to the activation dtype as the plain projection's output is, rotates ``y * cos + partner * sin_signed``
+  in fp32 (q and k columns) and stores q into the output, k and v into the caches at each row's slot.
 
 Rounding follows the torch composition: each projection is rounded to the activation dtype, then SiLU, the
 product and the residual add are each rounded again (``_rnd``), so results differ from cuBLAS only by the
@@ -107,6 +113,45 @@ def _skinny_epilogue(
 
 
 @triton.jit
+def _rope_cache_epilogue(
+    acc, acc2, rm, rn, mm, nm, q_ptr, s_q, nq, nk, cos_ptr, sin_ptr, s_tab, slot_ptr, kc_ptr, vc_ptr, s_cb, s_cs,
+    s_ch, DTYPE: tl.constexpr, HD: tl.constexpr,
+):  # fmt: skip
+    """``ROPE``'s epilogue: the products of columns ``rn`` (first halves of heads) and ``rn + HD/2`` rounded to the
+    activation dtype; q and k columns rotated (``y * cos + partner * sin_signed`` in fp32, rounded again), as
+    :func:`._rope_triton.rope_cache_write_kernel` does; q stored to ``q_ptr [M, nq]``, k and v to the caches at
+    ``[row, slot[row], head]``."""
+    HALF: tl.constexpr = HD // 2
+    y1 = _rnd(acc, DTYPE)
+    y2 = _rnd(acc2, DTYPE)
+    j = rn % HD  # < HALF
+    tab = rm[:, None] * s_tab + j[None, :]
+    tmask = mm[:, None] & nm[None, :]
+    c1 = tl.load(cos_ptr + tab, mask=tmask, other=0.0)
+    s1 = tl.load(sin_ptr + tab, mask=tmask, other=0.0)
+    c2 = tl.load(cos_ptr + tab + HALF, mask=tmask, other=0.0)
+    s2 = tl.load(sin_ptr + tab + HALF, mask=tmask, other=0.0)
+    rot = (rn < nq + nk)[None, :]
+    o1 = tl.where(rot, _rnd(y1 * c1 + y2 * s1, DTYPE), y1)
+    o2 = tl.where(rot, _rnd(y2 * c2 + y1 * s2, DTYPE), y2)
+    is_q = (rn < nq)[None, :]
+    qdst = q_ptr + rm[:, None] * s_q + rn[None, :]
+    tl.store(qdst, o1.to(q_ptr.dtype.element_ty), mask=tmask & is_q)
+    tl.store(qdst + HALF, o2.to(q_ptr.dtype.element_ty), mask=tmask & is_q)
+    c = rn - nq  # column in k, then (from nk on) in v
+    is_k = c < nk
+    c = tl.where(is_k, c, c - nk)
+    slot = tl.load(slot_ptr + rm, mask=mm, other=0).to(tl.int64)
+    cdst = rm.to(tl.int64)[:, None] * s_cb + slot[:, None] * s_cs + ((c // HD) * s_ch + c % HD)[None, :]
+    kmask = tmask & (rn >= nq)[None, :] & is_k[None, :]
+    vmask = tmask & (rn >= nq)[None, :] & ~is_k[None, :]
+    tl.store(kc_ptr + cdst, o1.to(kc_ptr.dtype.element_ty), mask=kmask)
+    tl.store(kc_ptr + cdst + HALF, o2.to(kc_ptr.dtype.element_ty), mask=kmask)
+    tl.store(vc_ptr + cdst, o1.to(vc_ptr.dtype.element_ty), mask=vmask)
+    tl.store(vc_ptr + cdst + HALF, o2.to(vc_ptr.dtype.element_ty), mask=vmask)
+
+
+@triton.jit
 def skinny_linear_kernel(
     x_ptr, s_xm,  # [M, K] activation, row stride (unit column stride)
     w_ptr, s_wn,  # [N, K] weight, row stride (unit column stride)
@@ -138,25 +183,40 @@ def skinny_linear_kernel(
     pf_n=0,  # its elements
     PF_ELEMS: tl.constexpr = 32,  # its elements per 128-byte line
     PF_LINES: tl.constexpr = 0,  # lines per program (the grid covers the tensor: prefetch_share_l2)
+    ROPE: tl.constexpr = False,  # q/k/v with RoPE and the KV-cache write (see the module docstring); SPLIT = 1
+    HD: tl.constexpr = 128,  # head size (ROPE only)
+    nq=0, nk=0,  # q columns H * HD, k columns HKV * HD; v columns follow (ROPE only)
+    cos_ptr=None, sin_ptr=None, s_tab=0,  # fp32 [M, HD] tables, sin with its first half negated (ROPE only)
+    slot_ptr=None,  # [M] cache slot of each row's token (ROPE only)
+    kc_ptr=None, vc_ptr=None, s_cb=0, s_cs=0, s_ch=0,  # caches [M, S, HKV, HD], the same strides (ROPE only)
 ):  # fmt: skip
     """``o[:, n0:n0+BN] = epilogue(x @ W[n0:n0+BN].T)`` for ``n0 = program_id(0) * BN``; with ``SPLIT > 1``,
     program ``(pid_n, pid_k)`` sums the ``pid_k``-th of ``SPLIT`` K ranges and the last to arrive reduces; ``NORM``
     and ``NORM_OUT``: the RMSNorm between two projections (see the module docstring)."""
     tl.static_assert(not NORM_OUT or RESIDUAL, "NORM_OUT writes the residual sum's norm inputs")
+    tl.static_assert(not ROPE or (SPLIT == 1 and not GATED and not RESIDUAL), "ROPE: a plain unsplit projection")
+    TWO: tl.constexpr = GATED or ROPE  # two accumulators
     DTYPE: tl.constexpr = o_ptr.dtype.element_ty
     pid = tl.program_id(0)
     rm = tl.arange(0, BM)
-    rn = pid * BN + tl.arange(0, BN)
     rk = tl.arange(0, BK)
     mm = rm < M
-    nm = rn < N
+    if ROPE:  # pairs pid * BN ..: columns j of the heads' first halves (rn) and j + HD / 2 (rn2)
+        rp = pid * BN + tl.arange(0, BN)
+        rn = (rp // (HD // 2)) * HD + rp % (HD // 2)
+        rn2 = rn + HD // 2
+        nm = rp < N // 2
+    else:
+        rn = pid * BN + tl.arange(0, BN)
+        rn2 = rn
+        nm = rn < N
     x_ptrs = x_ptr + rm[:, None] * s_xm + rk[None, :]
     if GROUPED:
         x_ptrs += (pid * BN >= n1).to(tl.int64) * x2_off
     w_ptrs = w_ptr + rn.to(tl.int64)[:, None] * s_wn + rk[None, :]
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    if GATED:
-        w2_ptrs = w2_ptr + rn.to(tl.int64)[:, None] * s_w2n + rk[None, :]
+    if TWO:
+        w2_ptrs = w2_ptr + rn2.to(tl.int64)[:, None] * s_w2n + rk[None, :]
         acc2 = tl.zeros((BM, BN), dtype=tl.float32)
     else:
         acc2 = acc  # unused
@@ -194,7 +254,7 @@ def skinny_linear_kernel(
             x = x.to(tl.float32)
             w = w.to(tl.float32)
         acc = tl.dot(x, tl.trans(w), acc)
-        if GATED:
+        if TWO:
             if EVEN_K:
                 w2 = tl.load(w2_ptrs, mask=nm[:, None], other=0.0)
             else:
@@ -211,9 +271,14 @@ def skinny_linear_kernel(
     if NORM:  # (with SPLIT > 1 the partial products are scaled: the sum of scaled partials is the same scaling)
         r = tl.rsqrt(tl.sum(ssp, axis=0) / K + eps)[:, None]
         acc *= r
-        if GATED:
+        if TWO:
             acc2 *= r
-    if SPLIT == 1:
+    if ROPE:
+        _rope_cache_epilogue(
+            acc, acc2, rm, rn, mm, nm, o_ptr, s_om, nq, nk, cos_ptr, sin_ptr, s_tab, slot_ptr, kc_ptr, vc_ptr,
+            s_cb, s_cs, s_ch, DTYPE, HD,
+        )  # fmt: skip
+    elif SPLIT == 1:
         _skinny_epilogue(
             acc, acc2, b_ptr, r_ptr, s_rm, o_ptr, s_om, rm, rn, mm, nm, DTYPE, GATED, RESIDUAL, HAS_BIAS,
             NORM_OUT, gn_ptr, hg_ptr, s_hg, ssp_ptr, BM,

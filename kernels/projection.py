@@ -48,6 +48,7 @@ from torch import Tensor
 
 from .backend import SKINNY_MAX_ROWS, arrival_counters, pdl_launch, uses_triton
 from .norm import rms_norm
+from .rope import rope_cache_write
 
 
 def _triton_module() -> ModuleType:
@@ -235,9 +236,11 @@ def _launch(
     next_norm_weight: Tensor | None = None,
     pair: tuple[int, int] | None = None,
     l2_prefetch: Tensor | None = None,
+    rope: dict[str, Any] | None = None,
 ) -> Tensor | NormedRows:
     """One launch of the skinny kernel; ``pair = (n1, x2_off)``: columns from ``n1`` on read the rows at ``x2_off``
-    elements from ``x``'s (``GROUPED``, :func:`linear_pair`); ``l2_prefetch``: see :func:`linear`."""
+    elements from ``x``'s (``GROUPED``, :func:`linear_pair`); ``l2_prefetch``: see :func:`linear`; ``rope``: the
+    ``ROPE`` epilogue's arguments (:func:`linear_rope_cache`), the output then being the rotated queries only."""
     n, k = w.shape
     w, w2, bias = (None if t is None else t if t.stride(-1) == 1 else t.contiguous() for t in (w, w2, bias))
     rows = x if isinstance(x, NormedRows) else NormedRows(x)
@@ -252,7 +255,7 @@ def _launch(
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
-    out = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
+    out = torch.empty((m, rope["nq"] if rope else n), dtype=x2.dtype, device=x2.device)
     r2 = out
     if residual is not None:
         r2 = residual.reshape(m, n)
@@ -266,7 +269,7 @@ def _launch(
         raise ValueError(f"SPLIT must be >= 0 (0: automatic), got {split}")
     if split == 0:
         split = split_for(n, k, cfg["BN"], _sm_count(x2.device), bk=cfg["BK"])
-    blocks = -(-n // cfg["BN"])
+    blocks = -(-(n // 2 if rope else n) // cfg["BN"])  # ROPE: a program owns BN column pairs
     produce = next_norm_weight is not None and residual is not None and FUSE_NORM
     ws = locks = out  # SPLIT = 1 reads neither (the kernel still takes a pointer for each)
     if split > 1:  # fp32 partial products (from the graph's pool under capture) and the per-block counters
@@ -281,6 +284,9 @@ def _launch(
         launch.update(NORM=True, ss_ptr=ss, nss=nss, SSB=1 << max(nss - 1, 0).bit_length(), eps=float(norm_eps))
     if pair is not None:
         launch.update(GROUPED=True, n1=pair[0], x2_off=pair[1])
+    if rope is not None:
+        launch.update(ROPE=True, **rope)
+        w2 = w  # the second accumulator streams the heads' second halves of the same weight
     lines = prefetch_lines(l2_prefetch, blocks * split) if x2.device.type == "cuda" else 0
     if lines:
         launch.update(pf_ptr=l2_prefetch, pf_n=l2_prefetch.numel(), PF_ELEMS=128 // l2_prefetch.element_size(),
@@ -296,7 +302,7 @@ def _launch(
         EVEN_K=k % cfg["BK"] == 0, UPCAST=os.environ.get("TRITON_INTERPRET") == "1",
         num_warps=warps, **cfg, **launch,
     )  # fmt: skip
-    y = out.view(*lead, n)
+    y = out.view(*lead, out.shape[-1])
     if next_norm_weight is None:
         return y
     if not produce:
@@ -360,6 +366,88 @@ def linear(
     y = F.linear(_torch_rows(x, norm_weight, norm_eps, backend), weight, bias)
     y = y if res is None else res + y
     return y if next_norm_weight is None else NormedRows(y, next_norm_weight)
+
+
+def rope_fits(weight: Tensor, heads: int, kv_heads: int, k_cache: Tensor, v_cache: Tensor) -> bool:
+    """Whether :func:`linear_rope_cache` takes these tensors: a ``[(heads + 2 kv_heads) * D, K]`` weight of unit
+    column stride, caches ``[B, S, kv_heads, D]`` alike in dtype and strides with unit stride over ``D``, half of
+    ``D`` a multiple of the default tiles' 16 column pairs a program."""
+    d = k_cache.shape[-1]
+    return (
+        k_cache.dim() == 4
+        and k_cache.shape[2] == kv_heads
+        and weight.shape[0] == (heads + 2 * kv_heads) * d
+        and weight.stride(-1) == 1
+        and k_cache.shape == v_cache.shape
+        and k_cache.stride() == v_cache.stride()
+        and k_cache.dtype == v_cache.dtype
+        and k_cache.stride(-1) == 1
+        and d % 32 == 0
+    )
+
+
+def linear_rope_cache(
+    x: Tensor | NormedRows,
+    weight: Tensor,
+    heads: int,
+    kv_heads: int,
+    cos: Tensor,
+    sin_signed: Tensor,
+    slot: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    *,
+    norm_weight: Tensor | None = None,
+    norm_eps: float = 1e-5,
+    backend: str = "auto",
+    config: dict[str, int] | None = None,
+) -> Tensor:
+    """An attention layer's decode input projection, RoPE and KV-cache write: on the Triton path one launch (the
+    ``ROPE`` epilogue), computing what :func:`linear` of the packed ``[q | k | v]`` weight followed by
+    :func:`.rope.rope_cache_write` computes, with the same roundings (the products rounded to the activation dtype,
+    then rotated in fp32 and rounded again); on the torch path those two calls.
+
+    Args:
+        x: ``[B, K]`` rows (or :class:`NormedRows`; ``B <= SKINNY_MAX_ROWS``), CUDA or the interpreter.
+        weight: ``[(H + 2 HKV) * D, K]``, the q, k and v projections stacked.
+        heads, kv_heads: ``H`` and ``HKV``.
+        cos, sin_signed: the step's tables (:func:`.rope.rope_step_tables`: ``[B, 1, 1, D]`` fp32).
+        slot: LongTensor ``[B]``, each row's cache slot.
+        k_cache, v_cache: ``[B, S, HKV, D]`` (:func:`rope_fits`), written at ``[b, slot[b]]``.
+        norm_weight, norm_eps: as in :func:`linear`.
+        backend: as in :func:`linear` (``"auto"``: Triton where :func:`linear` would take it).
+        config: Triton tiles as in :func:`linear` (``BN``: column pairs per program; default the input projection's
+            tiles with half the columns, so a program streams as many weight rows).
+
+    Returns:
+        The rotated queries ``[B, 1, H, D]`` (the layout :func:`.attention.attention_decode` takes).
+    """
+    d = k_cache.shape[-1]
+    if not rope_fits(weight, heads, kv_heads, k_cache, v_cache):
+        raise ValueError(
+            f"linear_rope_cache: weight {tuple(weight.shape)} and caches {tuple(k_cache.shape)} / "
+            f"{tuple(v_cache.shape)} do not fit {heads} heads over {kv_heads} KV heads"
+        )
+    if config is not None and (d // 2) % config["BN"]:
+        raise ValueError(f"linear_rope_cache: {config['BN']} column pairs a program do not divide half of head size {d}")
+    n, k = weight.shape
+    ws = (weight,) if norm_weight is None else (weight, norm_weight)
+    if not (uses_triton(plain_rows(x), ws, backend) and (backend == "triton" or weight.numel() >= SKINNY_MIN_WEIGHT)):
+        y = linear(x, weight, norm_weight=norm_weight, norm_eps=norm_eps, backend=backend)
+        b = y.shape[0]
+        q, kk, v = (t.view(b, -1, d) for t in y.split([heads * d, kv_heads * d, kv_heads * d], dim=-1))
+        rope_backend = "torch" if backend == "torch" else "auto"
+        return rope_cache_write(q, kk, v, cos, sin_signed, k_cache, v_cache, slot, backend=rope_backend)
+    if config is None:  # the input projection's tiles, half the columns: as many weight rows a program
+        config = skinny_config(n, k, False)
+        config["BN"] = max(16, config["BN"] // 2)
+    b = plain_rows(x).reshape(-1, k).shape[0]
+    cos2, sin2 = cos.reshape(b, d), sin_signed.reshape(b, d)
+    rope = {"HD": d, "nq": heads * d, "nk": kv_heads * d, "cos_ptr": cos2, "sin_ptr": sin2, "s_tab": cos2.stride(0),
+            "slot_ptr": slot, "kc_ptr": k_cache, "vc_ptr": v_cache, "s_cb": k_cache.stride(0),
+            "s_cs": k_cache.stride(1), "s_ch": k_cache.stride(2)}  # fmt: skip
+    q = _launch(x, weight, None, None, None, {**config, "SPLIT": 1}, norm_weight, norm_eps, rope=rope)
+    return q.view(b, 1, heads, d)
 
 
 #: Tiles of :func:`linear_pair` on the Triton path: KDA's ``f_b`` / ``g_b`` ``[4096, 128]`` each, one K step.

@@ -253,7 +253,7 @@ def test_prefetch_lines_cover_the_tensor() -> None:
     for programs in (5, 7, 128, 192, 322):
         per = prefetch_lines(state, programs)
         assert per & (per - 1) == 0 and per * programs >= 16384 > (per // 2) * programs, (programs, per)
-    assert 16384 // 2 > PREFETCH_MAX_LINES and prefetch_lines(state, 2) == 0
+    assert PREFETCH_MAX_LINES < 16384 // 2 and prefetch_lines(state, 2) == 0  # 8192 lines a program: too many
     assert prefetch_lines(torch.zeros(100, dtype=torch.bfloat16), 4) == 1  # 200 bytes: two lines
     assert prefetch_lines(state.transpose(2, 3), 322) == 0
     assert prefetch_lines(None, 322) == prefetch_lines(state[:0], 322) == 0

@@ -169,6 +169,7 @@ def test_input_projection_prefetch_choice(runtime_make_config, monkeypatch: pyte
         with torch.no_grad():
             m.step(x, pos, c)
         assert seen[0] is c.state, name  # the input projection first, with the state
+    monkeypatch.setattr(M, "FUSED_ROPE_PROJECTION", False)  # the fused q/k/v + RoPE launch takes no prefetch
     att_spec = spec.mixer(0, "attention")
     m = _module(Attention, att_spec)
     c = layer_cache(att_spec, 2, 8, device="cpu", dtype=torch.float64)
