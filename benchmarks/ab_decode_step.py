@@ -24,8 +24,9 @@ as a spread rather than as a difference between variants):
   ranges of the output and MLP down projections, ``kernels.projection.OUTPUT_SPLIT``; ``+ob<N>``, ``+og<N>``,
   ``+ok<N>``, ``+ow<N>``: the mixers' output projections' columns per program, stages, K ranges and warps alone;
   ``+gb<N>``, ``+gk<N>``, ``+gs<N>``, ``+gw<N>``: the MLP gate/up's columns, K step, stages and warps;
-  ``+ib<N>``, ``+ik<N>``, ``+is<N>``, ``+iw<N>``: the same for the mixers' input projections
-  (``kernels.projection.TILE_OVERRIDES``); ``+tb<N>``, ``+ts<N>``, ``+tw<N>``,
+  ``+ib<N>``, ``+ik<N>``, ``+is<N>``, ``+iw<N>``: the same for the mixers' input projections, ``+rb<N>``,
+  ``+rk<N>``, ``+rs<N>``, ``+rw<N>`` for the attention layers' fused q/k/v + RoPE projection (column pairs, K step,
+  stages, warps; ``kernels.projection.TILE_OVERRIDES``); ``+tb<N>``, ``+ts<N>``, ``+tw<N>``,
   ``+tp<N>``: the Triton attention decode's tiles; ``+sp<N>``: the input projection of a GDN/KDA layer asks L2 for
   its recurrent state when that holds at most ``N`` MiB, ``evaluators.mixers.STATE_L2_PREFETCH_MIB``; ``+sa<N>``:
   each GDN/KDA state program asks L2 for the tile of the program ``N`` x SMs places on,
@@ -98,6 +99,7 @@ TILE_KNOBS = {
     "ow": ("mixer_output", "num_warps"),
     "gb": ("gated", "BN"), "gk": ("gated", "BK"), "gs": ("gated", "STAGES"), "gw": ("gated", "num_warps"),
     "ib": ("input", "BN"), "ik": ("input", "BK"), "is": ("input", "STAGES"), "iw": ("input", "num_warps"),
+    "rb": ("rope", "BN"), "rk": ("rope", "BK"), "rs": ("rope", "STAGES"), "rw": ("rope", "num_warps"),
 }  # fmt: skip
 
 LABELS = {"all-attention": "attention", "all-swa": "sliding_window", "all-gdn": "gdn", "all-kda": "kda"}

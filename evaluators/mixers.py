@@ -47,6 +47,8 @@ PAIRED_GATE_PROJECTIONS = True
 #: Whether an attention layer's decode step on the Triton path runs RoPE and the KV-cache write in its q/k/v
 #: projection's epilogue (``K.linear_rope_cache``: one launch) instead of a launch of their own after it
 #: (``K.rope_cache_write``). False: two launches (to compare: ``benchmarks/ab_decode_step.py`` variant ``+urope``).
+#: On the H200 (whole 32K step, ``K.projection.ROPE_CONFIG``'s tiles) the fused launch takes 0.9% off all-SWA at
+#: batch 1 and 16, 0.8% / 0.3% off all-attention, 0.3% / 0.2% off mixed; results/decode_step_ab_ropetiles*_h200.json.
 FUSED_ROPE_PROJECTION = True
 #: A GDN/KDA decode step's input projection asks L2 for the layer's recurrent state as its programs finish (the
 #: projection's ``l2_prefetch``) when the state holds at most this many MiB (0: never), so that the state kernel

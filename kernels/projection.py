@@ -87,9 +87,10 @@ OUTPUT_SPLIT = 2
 #: Tile settings (``BN``, ``BK``, ``STAGES``, ``SPLIT``, ``num_warps``) replacing the defaults of one projection
 #: role (benchmarks: ``ab_decode_step.py``'s tile knobs): ``"gated"`` (the MLP's gate/up), ``"mixer_output"`` (the
 #: mixers' output projections [5120, 4096]), ``"mlp_down"``, ``"input"`` (the mixers' packed input projections),
-#: ``"lm_head"``. On the H200 the mixers' output projections on 16 columns unsplit, 64 in 4 K ranges or 16 in 2 came
-#: within -0.25% to +2.5% of the defaults on the whole step (results/decode_step_ab_otiles_h200.json), the input
-#: projections on 64 columns within -0.23% / +0.2% (decode_step_ab_itiles_h200.json): none kept.
+#: ``"lm_head"``, ``"rope"`` (:func:`linear_rope_cache`'s :data:`ROPE_CONFIG`; ``BN`` in column pairs). On the H200
+#: the mixers' output projections on 16 columns unsplit, 64 in 4 K ranges or 16 in 2 came within -0.25% to +2.5% of
+#: the defaults on the whole step (results/decode_step_ab_otiles_h200.json), the input projections on 64 columns
+#: within -0.23% / +0.2% (decode_step_ab_itiles_h200.json): none kept.
 TILE_OVERRIDES: dict[str, dict[str, int]] = {}
 #: Which projections get the output projections' tiles: False (the default), every projection that adds a residual
 #: (the mixers' output projections [5120, 4096] and the MLP down projection); True, the rule of sessions 6-9, by
@@ -368,6 +369,16 @@ def linear(
     return y if next_norm_weight is None else NormedRows(y, next_norm_weight)
 
 
+#: Tiles of :func:`linear_rope_cache` (``BN``: column pairs a program, i.e. ``2 BN`` weight rows; fewer where half a
+#: head holds fewer; ``TILE_OVERRIDES["rope"]`` replaces them). On the H200, whole 32K decode step against the two
+#: launches (projection, then RoPE and the cache write): 32 pairs (96 programs of 64 rows) take 0.9% off all-SWA at
+#: batch 1 and 16, 0.8% / 0.3% off all-attention, 0.3% / 0.2% off mixed, logits bit-equal where SDPA is
+#: deterministic (results/decode_step_ab_ropetiles_h200.json, decode_step_ab_ropetiles2_h200.json); 16 pairs (the
+#: unfused projection's 32 rows a program) made them 0.6-3.4% slower, 32 pairs on 128-wide K steps 0.5-0.6% faster
+#: (decode_step_ab_rope_h200.json).
+ROPE_CONFIG = {"BN": 32, "BK": 256, "STAGES": 5, "num_warps": 4}
+
+
 def rope_fits(weight: Tensor, heads: int, kv_heads: int, k_cache: Tensor, v_cache: Tensor) -> bool:
     """Whether :func:`linear_rope_cache` takes these tensors: a ``[(heads + 2 kv_heads) * D, K]`` weight of unit
     column stride, caches ``[B, S, kv_heads, D]`` alike in dtype and strides with unit stride over ``D``, half of
@@ -416,8 +427,7 @@ def linear_rope_cache(
         k_cache, v_cache: ``[B, S, HKV, D]`` (:func:`rope_fits`), written at ``[b, slot[b]]``.
         norm_weight, norm_eps: as in :func:`linear`.
         backend: as in :func:`linear` (``"auto"``: Triton where :func:`linear` would take it).
-        config: Triton tiles as in :func:`linear` (``BN``: column pairs per program; default the input projection's
-            tiles with half the columns, so a program streams as many weight rows).
+        config: Triton tiles as in :func:`linear` (``BN``: column pairs per program; default :data:`ROPE_CONFIG`).
 
     Returns:
         The rotated queries ``[B, 1, H, D]`` (the layout :func:`.attention.attention_decode` takes).
@@ -430,7 +440,7 @@ def linear_rope_cache(
         )
     if config is not None and (d // 2) % config["BN"]:
         raise ValueError(f"linear_rope_cache: {config['BN']} column pairs a program do not divide half of head size {d}")
-    n, k = weight.shape
+    k = weight.shape[1]
     ws = (weight,) if norm_weight is None else (weight, norm_weight)
     if not (uses_triton(plain_rows(x), ws, backend) and (backend == "triton" or weight.numel() >= SKINNY_MIN_WEIGHT)):
         y = linear(x, weight, norm_weight=norm_weight, norm_eps=norm_eps, backend=backend)
@@ -438,9 +448,10 @@ def linear_rope_cache(
         q, kk, v = (t.view(b, -1, d) for t in y.split([heads * d, kv_heads * d, kv_heads * d], dim=-1))
         rope_backend = "torch" if backend == "torch" else "auto"
         return rope_cache_write(q, kk, v, cos, sin_signed, k_cache, v_cache, slot, backend=rope_backend)
-    if config is None:  # the input projection's tiles, half the columns: as many weight rows a program
-        config = skinny_config(n, k, False)
-        config["BN"] = max(16, config["BN"] // 2)
+    if config is None:
+        config = {**ROPE_CONFIG, **TILE_OVERRIDES.get("rope", {})}
+        while (d // 2) % config["BN"] and config["BN"] > 16:  # small heads (tests): fewer pairs a program
+            config["BN"] //= 2
     b = plain_rows(x).reshape(-1, k).shape[0]
     cos2, sin2 = cos.reshape(b, d), sin_signed.reshape(b, d)
     rope = {"HD": d, "nq": heads * d, "nk": kv_heads * d, "cos_ptr": cos2, "sin_ptr": sin2, "s_tab": cos2.stride(0),
