@@ -40,7 +40,7 @@ from triton.compiler import ASTSource
 from placement_search.files import write_json_atomic
 from placement_search.kernels import _fused_decode_triton as FD
 from placement_search.kernels import _projection_triton as PT
-from placement_search.kernels.projection import skinny_config, split_for
+from placement_search.kernels.projection import ROPE_CONFIG, skinny_config, split_for
 
 TARGET = GPUTarget("cuda", 90, 32)
 SM_REGS, SM_WARPS, SM_PROGRAMS, SM_SHARED = 65536, 64, 32, 228 * 1024
@@ -160,8 +160,8 @@ def cases(pdl: int = 1) -> list[tuple[str, Any, dict[str, Any], int]]:
         label = f"skinny_linear_kernel {name} {cfg['BN']}x{cfg['BK']}x{cfg['STAGES']}, SPLIT {split}"
         out.append((label, PT.skinny_linear_kernel, consts, cfg["num_warps"]))
     # the attention q/k/v projection with RoPE and the cache write (kernels.projection.linear_rope_cache)
-    cfg = skinny_config(6144, 5120, False)
-    rope = {**_skinny_consts(False, False, True, pdl), "BN": cfg["BN"] // 2, "BK": cfg["BK"], "STAGES": cfg["STAGES"],
+    cfg = ROPE_CONFIG
+    rope = {**_skinny_consts(False, False, True, pdl), "BN": cfg["BN"], "BK": cfg["BK"], "STAGES": cfg["STAGES"],
             "SPLIT": 1, "ROPE": True}  # fmt: skip
     for arg in ("w2_ptr", "s_w2n", "nq", "nk", "cos_ptr", "sin_ptr", "s_tab", "slot_ptr", "kc_ptr", "vc_ptr", "s_cb",
                 "s_cs", "s_ch"):  # fmt: skip
