@@ -21,11 +21,11 @@ from __future__ import annotations
 import argparse
 import platform
 import shlex
-import statistics
 import sys
 from datetime import UTC, datetime
 
 import torch
+from check_conv_triton import timed_ms
 
 from placement_search import kernels as K
 from placement_search.files import write_json_atomic
@@ -37,20 +37,6 @@ def _ulps(a: torch.Tensor, b: torch.Tensor) -> int:
     """Largest distance in bf16 units in the last place (on the raw bit patterns, same-sign values)."""
     ai, bi = a.contiguous().view(torch.int16).int(), b.contiguous().view(torch.int16).int()
     return int((ai - bi).abs().max()) if a.numel() else 0
-
-
-def _time_ms(fn, reps: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def check(batch: int, slots: int, ring: bool, gen: torch.Generator, reps: int) -> dict:
@@ -82,7 +68,7 @@ def check(batch: int, slots: int, ring: bool, gen: torch.Generator, reps: int) -
         "v_equal": bool(torch.equal(c0[1], c1[1])),
         "max_ulp": max(_ulps(q0, q1), _ulps(c0[0][rows, slot], c1[0][rows, slot])),
         "others_kept": bool(torch.equal(c1[0][kept], caches[0][kept]) and torch.equal(c1[1][kept], caches[1][kept])),
-        "two_launches_us": 1e3 * _time_ms(two_launches, reps), "fused_us": 1e3 * _time_ms(fused, reps),
+        "two_launches_us": 1e3 * timed_ms(two_launches, reps), "fused_us": 1e3 * timed_ms(fused, reps),
     }  # fmt: skip
     row["pass"] = row["max_ulp"] <= 1 and row["v_equal"] and row["others_kept"]
     return row
