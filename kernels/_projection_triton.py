@@ -194,7 +194,9 @@ def skinny_linear_kernel(
     program ``(pid_n, pid_k)`` sums the ``pid_k``-th of ``SPLIT`` K ranges and the last to arrive reduces; ``NORM``
     and ``NORM_OUT``: the RMSNorm between two projections (see the module docstring)."""
     tl.static_assert(not NORM_OUT or RESIDUAL, "NORM_OUT writes the residual sum's norm inputs")
-    tl.static_assert(not ROPE or (SPLIT == 1 and not GATED and not RESIDUAL), "ROPE: a plain unsplit projection")
+    tl.static_assert(
+        not ROPE or (SPLIT == 1 and not (GATED or RESIDUAL or HAS_BIAS)), "ROPE: a plain unsplit projection"
+    )
     TWO: tl.constexpr = GATED or ROPE  # two accumulators
     DTYPE: tl.constexpr = o_ptr.dtype.element_ty
     pid = tl.program_id(0)
