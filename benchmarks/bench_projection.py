@@ -129,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from placement_search.files import write_json_atomic
     from placement_search.kernels import projection as L
+    from placement_search.kernels.backend import sm_count
     from placement_search.kernels.norm import rms_norm
 
     device = torch.device(args.device)
@@ -177,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
 
             refs = [call(i, "torch") for i in range(sets)]
             variants: list[tuple[str, dict[str, int] | None]] = [("torch", None), ("default", None)]
-            sweep = with_splits([c for c in tiles if smem_fits(c, gated)], splits, n, k, L._sm_count(device))
+            sweep = with_splits([c for c in tiles if smem_fits(c, gated)], splits, n, k, sm_count(device))
             variants += [("triton", c) for c in sweep]
             for variant, cfg in variants:
                 backend = "torch" if variant == "torch" else "triton"

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backend import pdl_launch, resolve_attention_backend, resolve_decode_backend
+from .backend import pdl_launch, resolve_attention_backend, resolve_decode_backend, sm_count
 
 # Without gradients, a sliding window over at most this many tokens runs as SDPA with a dense boolean mask instead of
 # FlexAttention: Flex is compiled once per shape (``dynamic=False``), and evaluation feeds many shapes (on the H200,
@@ -299,7 +299,7 @@ def _triton_decode(
         raise ValueError("decode backend 'triton' needs the head dimension contiguous")
     if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
         raise ValueError(f"decode backend 'triton' needs one dtype, got q {q.dtype}, k {k_cache.dtype}, v {v_cache.dtype}")
-    sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 8
+    sms = sm_count(q.device) if q.is_cuda else 8
     splits, per = triton_decode_splits(B, Hkv, S, sms)
     gq = 1 << max(G - 1, 0).bit_length()
     gp = max(16, gq)

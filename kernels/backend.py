@@ -113,6 +113,14 @@ def _pdl_capable(index: int) -> bool:
     return torch.cuda.get_device_capability(index) >= (9, 0)
 
 
+@functools.cache
+def sm_count(device: torch.device) -> int:
+    """The device's multiprocessors; 132 (the H200's) off CUDA, so that interpreter runs choose what the H200 would."""
+    if device.type != "cuda":
+        return 132
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def pdl_launch(device: torch.device) -> dict[str, int | bool]:
     """Launch keywords for one of our Triton kernels on ``device``: ``{"PDL": mode, "launch_pdl": True}`` (the
     mode of ``PDL_TRIGGER``: 1 for ``"exit"``) where programmatic dependent launch applies (``PDL`` on, a CUDA

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backend import pdl_launch, triton_available
+from .backend import pdl_launch, sm_count, triton_available
 from .conv import causal_conv1d_update
 from .delta_rule import L2NORM_EPS, delta_rule_step_torch, gated_delta_rule_step, gdn_gate
 from .kda import kda_gate, kda_step
@@ -175,7 +175,7 @@ def _lookahead(state: Tensor, programs: int) -> int:
     the grid has more (0 otherwise: one wave has nothing to fetch for)."""
     if not STATE_LOOKAHEAD_PER_SM or state.device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         return 0
-    ahead = STATE_LOOKAHEAD_PER_SM * torch.cuda.get_device_properties(state.device).multi_processor_count
+    ahead = STATE_LOOKAHEAD_PER_SM * sm_count(state.device)
     return ahead if programs > ahead else 0
 
 

@@ -35,7 +35,6 @@ All paths are CUDA-graph capturable (no host synchronisation).
 
 from __future__ import annotations
 
-import functools
 import importlib
 import os
 from dataclasses import dataclass
@@ -46,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backend import SKINNY_MAX_ROWS, arrival_counters, pdl_launch, uses_triton
+from .backend import SKINNY_MAX_ROWS, arrival_counters, pdl_launch, sm_count, uses_triton
 from .norm import rms_norm
 from .rope import rope_cache_write
 
@@ -179,13 +178,6 @@ def split_for(n: int, k: int, bn: int, sms: int = 132, *, bk: int = 1, min_k: in
     return max(enough, key=lambda c: (c[2], -c[0]))[0]
 
 
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 132  # the interpreter: the H200's count, so CPU runs pick what the H200 would
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 #: ``"auto"`` leaves weights smaller than this (elements) to cuBLAS: a 1-8 MB read is launch-bound, where cuBLAS's
 #: split-K kernels beat one program per column block (k/v_proj [1024, 5120]: 8.3 us vs 12.0).
 SKINNY_MIN_WEIGHT = 1 << 22
@@ -269,7 +261,7 @@ def _launch(
     if split < 0:
         raise ValueError(f"SPLIT must be >= 0 (0: automatic), got {split}")
     if split == 0:
-        split = split_for(n, k, cfg["BN"], _sm_count(x2.device), bk=cfg["BK"])
+        split = split_for(n, k, cfg["BN"], sm_count(x2.device), bk=cfg["BK"])
     blocks = -(-(n // 2 if rope else n) // cfg["BN"])  # ROPE: a program owns BN column pairs
     produce = next_norm_weight is not None and residual is not None and FUSE_NORM
     ws = locks = out  # SPLIT = 1 reads neither (the kernel still takes a pointer for each)
