@@ -346,7 +346,8 @@ class GDN(nn.Module):
         next_norm: RMSNorm | None = None,
     ) -> Rows:
         s = self.spec
-        qkvz, ba = _project(self, (self.in_proj_qkvz, self.in_proj_ba), x[:, 0], norm, _l2_prefetch(self.out_proj.weight, cache.state))
+        prefetch = _l2_prefetch(self.out_proj.weight, cache.state)
+        qkvz, ba = _project(self, (self.in_proj_qkvz, self.in_proj_ba), x[:, 0], norm, prefetch)
         qkv, z = qkvz.split([2 * s.key_dim + s.value_dim, s.value_dim], dim=-1)
         b, a = ba.split([s.value_heads, s.value_heads], dim=-1)
         o = K.gdn_decode_step(
@@ -448,7 +449,8 @@ class KDA(nn.Module):
         next_norm: RMSNorm | None = None,
     ) -> Rows:
         inputs = (self.q_proj, self.k_proj, self.v_proj, self.f_a_proj, self.g_a_proj, self.beta_proj)
-        q, k, v, fa, ga, beta = _project(self, inputs, x[:, 0], norm, _l2_prefetch(self.o_proj.weight, cache.state))
+        prefetch = _l2_prefetch(self.o_proj.weight, cache.state)
+        q, k, v, fa, ga, beta = _project(self, inputs, x[:, 0], norm, prefetch)
         f, gate = self._gate_up(fa, ga)
         o = K.kda_decode_step(
             q, k, v, f, beta, gate,
