@@ -92,14 +92,16 @@ NUMERIC_KNOBS = {
 }
 KNOB_DEFAULTS = {knob: getattr(module, attr) for knob, (module, attr) in NUMERIC_KNOBS.items()}
 #: ``+<knob><N>``: one tile setting of one projection role (``kernels.projection.TILE_OVERRIDES``): the mixers' output
-#: projections' columns per program, stages, K ranges, warps; the MLP gate/up's and the mixers' input projections'
-#: columns, K step, stages, warps.
+#: projections' columns per program, stages, K ranges, warps; the MLP gate/up's, the mixers' input projections', the
+#: attention q/k/v projection's with RoPE (``rb``: column pairs) and the MLP down projection's columns, K step,
+#: stages, warps.
 TILE_KNOBS = {
     "ob": ("mixer_output", "BN"), "og": ("mixer_output", "STAGES"), "ok": ("mixer_output", "SPLIT"),
     "ow": ("mixer_output", "num_warps"),
     "gb": ("gated", "BN"), "gk": ("gated", "BK"), "gs": ("gated", "STAGES"), "gw": ("gated", "num_warps"),
     "ib": ("input", "BN"), "ik": ("input", "BK"), "is": ("input", "STAGES"), "iw": ("input", "num_warps"),
     "rb": ("rope", "BN"), "rk": ("rope", "BK"), "rs": ("rope", "STAGES"), "rw": ("rope", "num_warps"),
+    "db": ("mlp_down", "BN"), "dk": ("mlp_down", "BK"), "dg": ("mlp_down", "STAGES"), "dw": ("mlp_down", "num_warps"),
 }  # fmt: skip
 
 LABELS = {"all-attention": "attention", "all-swa": "sliding_window", "all-gdn": "gdn", "all-kda": "kda"}

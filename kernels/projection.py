@@ -129,8 +129,10 @@ def _skinny_config(n: int, k: int, gated: bool, residual: bool) -> tuple[str, di
         return role, {"BN": 64, "BK": 256, "STAGES": 5, "num_warps": 8, "SPLIT": 1}
     if n <= 8192:  # attention q/k/v packed [6144, 5120]
         return "input", {"BN": 32, "BK": 256, "STAGES": 5, "num_warps": 4, "SPLIT": 1}
-    # GDN / KDA packed inputs [10304 / 12576, 5120]
-    return "input", {"BN": 32, "BK": 128, "STAGES": 5, "num_warps": 4, "SPLIT": 1}
+    # GDN / KDA packed inputs [10304 / 12576, 5120]: four stages in flight, not five (as the sweep chose alone): whole
+    # 32K step 0.07-0.41% faster for all-GDN, 0.29-0.36% for all-KDA at batch 1 and 16 on two machines, bit-equal;
+    # three, six or eight stages slower (results/decode_step_ab_istages_h200.json, decode_step_ab_stages_h200.json)
+    return "input", {"BN": 32, "BK": 128, "STAGES": 4, "num_warps": 4, "SPLIT": 1}
 
 
 #: The most 128-byte lines of an ``l2_prefetch`` tensor one program of the skinny kernel asks L2 for (more: the
@@ -367,8 +369,10 @@ def linear(
 #: batch 1 and 16, 0.8% / 0.3% off all-attention, 0.3% / 0.2% off mixed, logits bit-equal where SDPA is
 #: deterministic (results/decode_step_ab_ropetiles_h200.json, decode_step_ab_ropetiles2_h200.json); 16 pairs (the
 #: unfused projection's 32 rows a program) made them 0.6-3.4% slower, 32 pairs on 128-wide K steps 0.5-0.6% faster
-#: (decode_step_ab_rope_h200.json).
-ROPE_CONFIG = {"BN": 32, "BK": 256, "STAGES": 5, "num_warps": 4}
+#: (decode_step_ab_rope_h200.json). Four stages in flight (120 KiB of shared memory a program) instead of five:
+#: 0.03-0.13% faster in all 12 cells of two A/B runs (all-attention, all-SWA, mixed at batch 1 and 16); three or six
+#: stages, or 128-wide K steps with five or eight, 0.2-0.9% slower (decode_step_ab_ropestages*_h200.json, session 15).
+ROPE_CONFIG = {"BN": 32, "BK": 256, "STAGES": 4, "num_warps": 4}
 
 
 def rope_fits(weight: Tensor, heads: int, kv_heads: int, k_cache: Tensor, v_cache: Tensor) -> bool:
