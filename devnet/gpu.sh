@@ -11,7 +11,10 @@
 #   bash devnet/gpu.sh throughput  # `placement-search throughput --measure` vs the table's prediction (TP_CASES)
 #   bash devnet/gpu.sh dry-run   # the dry run on the GPU (real kernels, tiny batches), ~2-3 min
 #   bash devnet/gpu.sh py SCRIPT [ARGS]  # a script with this set-up (the calls share T0: chain with ';' in one command)
-# Needs `.whl` carried (fla_core-0.6.0 wheel; `finish` also needs lm-eval's wheels). Each command is wrapped in
+# Needs `.whl` carried (fla_core-0.6.0 wheel; `finish` also needs lm-eval's wheels). Since session 15 the working tree
+# and all of `.whl` together pass the device's 64 MiB: name the wheels a call needs in carry instead (the kernels:
+# .whl/fla_core-*, .whl/einops-*; `throughput` also .whl/jsonschema-*, jsonschema_specifications-*, referencing-*,
+# rpds_py-*; each file by its exact name, one carry path each). Each command is wrapped in
 # `timeout` so the call ends (and packs what exists) before the device's 10-minute limit even if a stage overran.
 set -uo pipefail
 what=${1:?preflight, call1, call2, finish, finish-b, final, recheck, throughput, dry-run or py}

@@ -378,7 +378,7 @@ ROPE_CONFIG = {"BN": 32, "BK": 256, "STAGES": 4, "num_warps": 4}
 def rope_fits(weight: Tensor, heads: int, kv_heads: int, k_cache: Tensor, v_cache: Tensor) -> bool:
     """Whether :func:`linear_rope_cache` takes these tensors: a ``[(heads + 2 kv_heads) * D, K]`` weight of unit
     column stride, caches ``[B, S, kv_heads, D]`` alike in dtype and strides with unit stride over ``D``, half of
-    ``D`` a multiple of the default tiles' 16 column pairs a program."""
+    ``D`` a multiple of 16 (the fewest column pairs a program of the default tiles takes)."""
     d = k_cache.shape[-1]
     return (
         k_cache.dim() == 4
