@@ -1,6 +1,6 @@
 """``benchmarks/measure_decode.py --build-from`` over several runs: which rows of which run make the shipped table.
 
-The shipped 15B table merges three H200 runs (README "Decode speed on the H200"): the pieces must come from one run
+The shipped 15B table merges several H200 runs (README "Decode speed on the H200"): the pieces must come from one run
 only (a table never mixes runs), and a ``RUN:KEY+KEY`` suffix must keep exactly the rows it names (sections,
 ``whole@TAG``, ``/LABEL`` and ``/LABEL=BATCH`` filters), so that rows measured on an older decode path cannot leak into the new table's
 validation or engine rows.
