@@ -371,7 +371,7 @@ def linear(
 #: unfused projection's 32 rows a program) made them 0.6-3.4% slower, 32 pairs on 128-wide K steps 0.5-0.6% faster
 #: (decode_step_ab_rope_h200.json). Four stages in flight (120 KiB of shared memory a program) instead of five:
 #: 0.03-0.13% faster in all 12 cells of two A/B runs (all-attention, all-SWA, mixed at batch 1 and 16); three or six
-#: stages, or 128-wide K steps with five or eight, 0.2-0.9% slower (decode_step_ab_ropestages*_h200.json, session 15).
+#: stages, or 128-wide K steps with five or eight, 0.1-0.9% slower (decode_step_ab_ropestages*_h200.json, session 15).
 ROPE_CONFIG = {"BN": 32, "BK": 256, "STAGES": 4, "num_warps": 4}
 
 
