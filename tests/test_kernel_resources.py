@@ -29,3 +29,15 @@ def test_compiles_for_sm90_and_reads_registers(benchmark_module) -> None:
     r = kr.resources(fn, consts, warps)
     assert 8 <= r["registers"] <= 255 and r["stack_bytes"] >= 0 and r["num_warps"] == warps
     assert r["programs_per_sm"] == kr.programs_per_sm(r["registers"], warps, r["shared_bytes"])
+
+
+def test_default_decode_kernels_fit_an_sm_without_spills(benchmark_module) -> None:
+    """Every decode kernel at the runtime's default tiles (15B sizes, PDL on), compiled for sm_90 here: at least one
+    program fits an SM's registers and 228 KiB of shared memory, and nothing spills to the stack. A tile change that
+    would fail to launch on the H200 (too many stages for shared memory) or spill (a slower memory-bound kernel) fails
+    here, on a machine without a GPU. Triton here may differ from the H200's by a version, hence no exact counts."""
+    kr = benchmark_module("kernel_resources")
+    for label, fn, consts, warps in kr.cases():
+        r = kr.resources(fn, consts, warps)
+        assert r["stack_bytes"] == 0, f"{label}: {r['stack_bytes']} bytes spilled"
+        assert r["programs_per_sm"] >= 1, f"{label}: does not fit an SM ({r})"
