@@ -86,9 +86,13 @@ NUMERIC_KNOBS = {
     "tw": (_attention, "TRITON_DECODE_WARPS"),
     "tp": (_attention, "TRITON_DECODE_PROGRAMS_PER_SM"),
     "sp": (_mixers, "STATE_L2_PREFETCH_MIB"),
+    "spp": (_mixers, "STATE_L2_PREFETCH_PART_MIB"),
     "sa": (_fused_decode, "STATE_LOOKAHEAD_PER_SM"),
     "wp": (_mixers, "OUTPUT_WEIGHT_L2_PREFETCH_MIB"),
     "es": (_fused_decode, "STATE_EARLY_LOAD_MIN_ROWS"),
+    "vf": (_fused_decode, "STATE_GRID_MEMORY_ORDER_MIN_ROWS"),
+    "sw": (_fused_decode, "STATE_NUM_WARPS"),
+    "fw": (_fused_decode, "FINISH_NUM_WARPS"),
 }
 KNOB_DEFAULTS = {knob: getattr(module, attr) for knob, (module, attr) in NUMERIC_KNOBS.items()}
 #: ``+<knob><N>``: one tile setting of one projection role (``kernels.projection.TILE_OVERRIDES``): the mixers' output

@@ -40,6 +40,7 @@ from triton.compiler import ASTSource
 from placement_search.files import write_json_atomic
 from placement_search.kernels import _fused_decode_triton as FD
 from placement_search.kernels import _projection_triton as PT
+from placement_search.kernels import fused_decode as fused
 from placement_search.kernels.projection import ROPE_CONFIG, skinny_config, split_for
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -136,10 +137,12 @@ def cases(pdl: int = 1) -> list[tuple[str, Any, dict[str, Any], int]]:
     kda = {"H": 32, "D": 128, "BD": 128, "KW": 4, "KWP": 4, "L2_EPS": 1e-6, **runtime}
     out = []
     for pre in (False, True):
-        for bv in (32, 64):  # below SMALL_BATCH rows / from there
-            tag = f"BV={bv}{', PRECONV' if pre else ''}"
-            out.append((f"gdn_state_kernel {tag}", FD.gdn_state_kernel, {**state, "BV": bv, "PRECONV": pre}, 4))
-            out.append((f"kda_state_kernel {tag}", FD.kda_state_kernel, {**kda, "BV": bv, "PRECONV": pre}, 4))
+        for bv, rows in ((32, 1), (64, fused.SMALL_BATCH)):  # below SMALL_BATCH rows / from there
+            vfirst = fused._state_grid(rows, 1, 1)[1]  # the grid's order at those rows
+            tag = f"BV={bv}{', PRECONV' if pre else ''}{', VFIRST' if vfirst else ''}"
+            kw = {"BV": bv, "PRECONV": pre, "VFIRST": vfirst}
+            out.append((f"gdn_state_kernel {tag}", FD.gdn_state_kernel, {**state, **kw}, 4))
+            out.append((f"kda_state_kernel {tag}", FD.kda_state_kernel, {**kda, **kw}, 4))
     finish = {**GDN, "QK_PER": 64, "BV": 128, "BQ": 64, "NORM_EPS": 1e-5, "PDL": pdl}
     out.append(("gdn_finish_kernel", FD.gdn_finish_kernel, finish, 4))
     out.append(("kda_finish_kernel", FD.kda_finish_kernel,

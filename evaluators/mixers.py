@@ -58,6 +58,12 @@ FUSED_ROPE_PROJECTION = True
 #: +1.5% (all-KDA) slower: the projection's tail grows by what the state kernel saves and more
 #: (results/decode_step_ab_sp_h200.json, decode_step_ab_sa_h200.json, decode_step_ab_es_h200.json).
 STATE_L2_PREFETCH_MIB = 4
+#: Where the state holds more than :data:`STATE_L2_PREFETCH_MIB`, the input projection asks L2 for its first this
+#: many MiB instead (0: none; knob ``+spp<N>``): with the state kernels' grid in memory order
+#: (``K.fused_decode.STATE_GRID_MEMORY_ORDER_MIN_ROWS``) those are the tiles of their first wave. Off: on the H200
+#: (whole 32K step, that grid) 8, 12 or 16 MiB of the 32 MiB at 16 rows were 0.0-0.4% slower, within 0.02% at 64
+#: (results/decode_step_ab_spp_h200.json).
+STATE_L2_PREFETCH_PART_MIB = 0
 #: Otherwise a decode step's input projection asks L2 for the first this many MiB of the mixer's output-projection
 #: weight (0: none), to stream while the mixer's own kernels leave HBM idle (knob ``+wp<N>``; not on attention's
 #: fused q/k/v + RoPE launch, ``FUSED_ROPE_PROJECTION``, which came after it). Off: on the H200
@@ -68,10 +74,12 @@ OUTPUT_WEIGHT_L2_PREFETCH_MIB = 0
 
 def _l2_prefetch(out_weight: torch.Tensor, state: torch.Tensor | None = None) -> torch.Tensor | None:
     """What a decode step's input projection asks L2 for (``K.linear``'s ``l2_prefetch``): the recurrent ``state``
-    when it holds at most :data:`STATE_L2_PREFETCH_MIB`, else the first :data:`OUTPUT_WEIGHT_L2_PREFETCH_MIB` of
-    the output projection's weight, else nothing."""
+    when it holds at most :data:`STATE_L2_PREFETCH_MIB`, else its first :data:`STATE_L2_PREFETCH_PART_MIB`, else
+    the first :data:`OUTPUT_WEIGHT_L2_PREFETCH_MIB` of the output projection's weight, else nothing."""
     if state is not None and state.numel() * state.element_size() <= STATE_L2_PREFETCH_MIB * 2**20:
         return state
+    if state is not None and STATE_L2_PREFETCH_PART_MIB and state.is_contiguous():
+        return state.view(-1)[: STATE_L2_PREFETCH_PART_MIB * 2**20 // state.element_size()]
     n = OUTPUT_WEIGHT_L2_PREFETCH_MIB * 2**20 // out_weight.element_size()
     return out_weight.view(-1)[: min(n, out_weight.numel())] if n and out_weight.is_contiguous() else None
 

@@ -13,7 +13,8 @@ RMSNorm, which needs the whole head's ``o``, and shifts the q/k conv channels. E
 one program that owns it, after every reader has read it: v blocks by their state program (no other program reads
 them), q/k channels (read by all column blocks and, in GDN, by the value heads sharing a key head) by the finish
 kernel, which runs after the state kernel. Splitting the value columns keeps the tiles small (more programs in
-flight per SM, and B * H * DV / BV programs in all: 128 at batch 1).
+flight per SM, and B * H * DV / BV programs in all: 128 at batch 1). The grid is ``[B, H, DV / BV]`` or, with
+``VFIRST``, ``[DV / BV, H, B]``: launch order in the state's memory order (:func:`_tile_of_program`).
 
 Rounding: wherever the torch composition (:func:`.fused_decode.gdn_decode_step` with ``backend="torch"``) rounds
 an intermediate to the activation dtype (conv output, beta, o, the normalised o, the gate), the kernel rounds it
@@ -206,18 +207,36 @@ def _delta_rule_head(
 
 
 @triton.jit
+def _tile_of_program(VFIRST: tl.constexpr):
+    """``(batch row, head, value block)`` of this state program: grid ``[B, H, NV]`` (axis 0 fastest: one wave
+    holds the first value block of every row's first heads) or, with ``VFIRST``, ``[NV, H, B]`` (launch order is
+    the state's memory order ``[B, H, DK, DV]``: a wave reads one contiguous stretch)."""
+    if VFIRST:
+        return tl.program_id(2), tl.program_id(1), tl.program_id(0)
+    return tl.program_id(0), tl.program_id(1), tl.program_id(2)
+
+
+@triton.jit
 def _prefetch_tile_ahead(state_ptr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                         AHEAD: tl.constexpr):  # fmt: skip
+                         AHEAD: tl.constexpr, VFIRST: tl.constexpr = False):  # fmt: skip
     """Ask L2 for the ``[DK, BV]`` state tile of the program ``AHEAD`` places after this one in launch order (grid
-    ``[B, H, DV / BV]``, axis 0 fastest; state ``[B, H, DK, DV]`` fp32): with ``AHEAD`` the programs the GPU holds at
-    once, a program of one wave fetches a tile of the next, whose loads then hit L2 (:func:`.prefetch_l2`)."""
-    nb = tl.num_programs(0)
-    nh = tl.num_programs(1)
-    nxt = tl.program_id(0) + nb * (tl.program_id(1) + nh * tl.program_id(2)) + AHEAD
-    if nxt < nb * nh * tl.num_programs(2):
-        b = nxt % nb
-        h = (nxt // nb) % nh
-        v0 = (nxt // (nb * nh)) * BV
+    of :func:`_tile_of_program`, axis 0 fastest; state ``[B, H, DK, DV]`` fp32): with ``AHEAD`` the programs the GPU
+    holds at once, a program of one wave fetches a tile of the next, whose loads then hit L2 (:func:`.prefetch_l2`)."""
+    n0 = tl.num_programs(0)
+    n1 = tl.num_programs(1)
+    nxt = tl.program_id(0) + n0 * (tl.program_id(1) + n1 * tl.program_id(2)) + AHEAD
+    if nxt < n0 * n1 * tl.num_programs(2):
+        nh = n1
+        if VFIRST:
+            nb = tl.num_programs(2)
+            v0 = (nxt % n0) * BV
+            h = (nxt // n0) % nh
+            b = nxt // (n0 * nh)
+        else:
+            nb = n0
+            b = nxt % nb
+            h = (nxt // nb) % nh
+            v0 = (nxt // (nb * nh)) * BV
         LPR: tl.constexpr = (BV + 31) // 32  # 128-byte lines (32 fp32) per tile row
         rk = tl.minimum(tl.arange(0, BK), DK - 1)
         cols = tl.minimum(v0 + tl.arange(0, LPR) * 32, DV - 1)
@@ -258,9 +277,10 @@ def gdn_state_kernel(
     PRECONV: tl.constexpr = False,  # qkv holds the conv outputs (conv_update_kernel ran): no conv state here
     AHEAD: tl.constexpr = 0,  # > 0: ask L2 for the state tile of the program this many places on (_prefetch_tile_ahead)
     EARLY: tl.constexpr = False,  # the state tile loaded first (in flight during the conv and gates), not last
+    VFIRST: tl.constexpr = False,  # grid [DV / BV, HV, B] in the state's memory order, not [B, HV, DV / BV]
 ):  # fmt: skip
-    """The delta-rule step of batch row ``program_id(0)``, value head ``program_id(1)``, value columns
-    ``program_id(2) * BV ..`` (a ``[DK, BV]`` tile of the state).
+    """The delta-rule step of one batch row, value head and block of ``BV`` value columns (a ``[DK, BV]`` tile of
+    the state; which, from the program ids: :func:`_tile_of_program`).
 
     Every program computes its head's q and k from the conv state without writing it (the value heads of a key
     head and the column blocks of a head all read them; :func:`gdn_finish_kernel` shifts them afterwards) and owns
@@ -270,10 +290,10 @@ def gdn_state_kernel(
     DTYPE: tl.constexpr = o_ptr.dtype.element_ty
     pdl_enter(PDL)
     if AHEAD > 0:
-        _prefetch_tile_ahead(state_ptr, DK, DV, BK, BV, AHEAD)
-    i_b = tl.program_id(0).to(tl.int64)
-    hv = tl.program_id(1)
-    v0 = tl.program_id(2) * BV
+        _prefetch_tile_ahead(state_ptr, DK, DV, BK, BV, AHEAD, VFIRST)
+    i_b, hv, i_v = _tile_of_program(VFIRST)
+    i_b = i_b.to(tl.int64)
+    v0 = i_v * BV
     i_hk = hv // (HV // HK)
     row = qkv_ptr + i_b * s_qkv
     cs = cs_ptr + i_b * s_cs_b
@@ -361,17 +381,18 @@ def kda_state_kernel(
     PRECONV: tl.constexpr = False,  # q, k, v hold the conv outputs (conv_update_kernel ran): no conv states here
     AHEAD: tl.constexpr = 0,  # > 0: ask L2 for the state tile of the program this many places on (_prefetch_tile_ahead)
     EARLY: tl.constexpr = False,  # the state tile loaded first (in flight during the conv and gates), not last
+    VFIRST: tl.constexpr = False,  # grid [D / BV, H, B] in the state's memory order, not [B, H, D / BV]
 ):  # fmt: skip
-    """The KDA step of batch row ``program_id(0)``, head ``program_id(1)``, value columns ``program_id(2) * BV ..``.
+    """The KDA step of one batch row, head and block of ``BV`` value columns (:func:`_tile_of_program`).
     q and k are read from their conv states (shifted later by :func:`kda_finish_kernel`); the v block is owned and
     shifted here. With ``PRECONV``, q, k and v are read as they are (already convolved)."""
     DTYPE: tl.constexpr = o_ptr.dtype.element_ty
     pdl_enter(PDL)
     if AHEAD > 0:
-        _prefetch_tile_ahead(state_ptr, D, D, BD, BV, AHEAD)
-    i_b = tl.program_id(0).to(tl.int64)
-    i_h = tl.program_id(1)
-    v0 = tl.program_id(2) * BV
+        _prefetch_tile_ahead(state_ptr, D, D, BD, BV, AHEAD, VFIRST)
+    i_b, i_h, i_v = _tile_of_program(VFIRST)
+    i_b = i_b.to(tl.int64)
+    v0 = i_v * BV
     c0 = i_h * D
     off_cs = i_b * s_cs_b
     nv = tl.minimum(D - v0, BV)

@@ -151,6 +151,22 @@ STATE_LOOKAHEAD_PER_SM = 0
 #: the default's by 3-5e-2 (relative) though the load is after the PDL wait: the compiler contracts the products
 #: differently, and 48 random layers amplify an fp32 ulp that flips a bf16 rounding.
 STATE_EARLY_LOAD_MIN_ROWS: int | None = None
+#: From this many rows up (None: never) the Triton state kernels' grid runs in the state's memory order
+#: (``[DV / BV, H, B]``: the value blocks of a head, then the heads of a row, next to each other in launch order, so
+#: that each wave of programs reads one contiguous stretch of the ``[B, H, DK, DV]`` state) instead of
+#: ``[B, H, DV / BV]`` (a wave reads the first value block of every row's first heads: part of each 512-byte state
+#: row, the rest a wave or more later). Knob ``+vf<N>`` of ``benchmarks/ab_decode_step.py``. On the H200 (whole
+#: 32K step, A against B, bit-equal): all-GDN -0.12..-0.19% at 16 rows and -0.43..-0.58% at 64, all-KDA
+#: -0.15..-0.16% and -0.66..-0.76%, mixed -0.07% at 16; at batch 1 (32-column blocks, the state already asked of L2)
+#: +0.15..+0.34%, hence from 16 rows (results/decode_step_ab_vf_h200.json, decode_step_ab_spp_h200.json,
+#: decode_step_ab_vfmixed_h200.json).
+STATE_GRID_MEMORY_ORDER_MIN_ROWS: int | None = 16
+#: Warps per program of the Triton state kernels (None: from the tile, :func:`_launch_kw`) and of the finish
+#: kernels (knobs ``+sw<N>``, ``+fw<N>``). On the H200 (whole 32K step, 16-64 rows): 32-column state tiles on 2 warps
+#: (six programs an SM) 0.1-0.4% slower than 64 columns on 4; finish kernels on 1 or 2 warps within -0.06..+0.12%
+#: of 4 (results/decode_step_ab_sw_h200.json).
+STATE_NUM_WARPS: int | None = None
+FINISH_NUM_WARPS = 4
 #: From this many rows up the conv step runs as a launch of its own (``conv_update_kernel``: conv, SiLU, state shift
 #: over all q/k/v channels at once) and the state kernels read its outputs (``PRECONV``), instead of each state
 #: program convolving its own q, k (shared with the other programs of its head) and v. On the H200 at 15B sizes
@@ -179,6 +195,13 @@ def _lookahead(state: Tensor, programs: int) -> int:
     return ahead if programs > ahead else 0
 
 
+def _state_grid(batch: int, heads: int, blocks: int) -> tuple[tuple[int, int, int], bool]:
+    """The state kernels' grid and their ``VFIRST`` (:data:`STATE_GRID_MEMORY_ORDER_MIN_ROWS`)."""
+    if STATE_GRID_MEMORY_ORDER_MIN_ROWS is not None and batch >= STATE_GRID_MEMORY_ORDER_MIN_ROWS:
+        return (blocks, heads, batch), True
+    return (batch, heads, blocks), False
+
+
 def _early(batch: int) -> bool:
     """The state kernels' ``EARLY`` at ``batch`` rows (:data:`STATE_EARLY_LOAD_MIN_ROWS`)."""
     return STATE_EARLY_LOAD_MIN_ROWS is not None and batch >= STATE_EARLY_LOAD_MIN_ROWS
@@ -189,7 +212,7 @@ def _launch_kw(bk: int, bv: int, num_warps: int | None) -> dict[str, int]:
     thread unless ``num_warps`` is given, capped at 4 warps: on the H200 at 128 x 128 tiles 4 warps beat 8 and 16 at
     every batch (results/decode_kernels_h200.json: GDN B=1024 1.34 ms vs 1.71 (8) and 2.21 (16))."""
     if num_warps is None:
-        num_warps = max(1, min(4, (bk * bv) // (32 * 32)))
+        num_warps = STATE_NUM_WARPS or max(1, min(4, (bk * bv) // (32 * 32)))
     return {"num_warps": num_warps, **({"maxnreg": STATE_MAX_REGISTERS} if STATE_MAX_REGISTERS else {})}
 
 
@@ -256,19 +279,20 @@ def gdn_decode_step(
         cs_strides = (conv_state.stride(0), conv_state.stride(1), conv_state.stride(2))
         pre = B >= PRECONV_MIN_ROWS
         x = _conv_launch(tk, pdl, (qkv,), (conv_state,), (w,))[0] if pre else qkv  # the state kernel's q/k/v input
-        grid = (B, HV, -(-DV // bv))
+        grid, vfirst = _state_grid(B, HV, -(-DV // bv))
         tk.gdn_state_kernel[grid](
             x, x.stride(0), b, b.stride(0), a, a.stride(0), conv_state, *cs_strides,
             w, w.stride(0), w.stride(1), A_log, dt_bias, state, o, o.stride(0), scale,
             HK=HK, HV=HV, DK=DK, DV=DV, BK=bk, BV=bv, KW=kw, KWP=_next_pow2(kw), L2_EPS=L2NORM_EPS,
             STREAM=STATE_STREAM_HINTS, PRECONV=pre, AHEAD=_lookahead(state, math.prod(grid)), EARLY=_early(B),
-            **_launch_kw(bk, bv, num_warps), **pdl,
+            VFIRST=vfirst, **_launch_kw(bk, bv, num_warps), **pdl,
         )  # fmt: skip
         qk_per = -(-2 * HK * DK // HV)  # q/k conv channels each finishing program shifts
         tk.gdn_finish_kernel[(B, HV)](
             o, o.stride(0), z, z.stride(0), norm_weight, qkv, qkv.stride(0), conv_state, *cs_strides,
             out, out.stride(0), QK_PER=qk_per, HK=HK, HV=HV, DK=DK, DV=DV, BV=_next_pow2(DV),
-            BQ=_next_pow2(qk_per), KW=kw, KWP=_next_pow2(kw), NORM_EPS=norm_eps, num_warps=4, SHIFT=not pre, **pdl,
+            BQ=_next_pow2(qk_per), KW=kw, KWP=_next_pow2(kw), NORM_EPS=norm_eps, num_warps=FINISH_NUM_WARPS,
+            SHIFT=not pre, **pdl,
         )  # fmt: skip
         return out
     y = causal_conv1d_update(qkv, conv_state, w, activation="silu")
@@ -357,18 +381,19 @@ def kda_decode_step(
             if len({t.stride(0) for t in xs}) > 1:  # one launch takes one row stride
                 xs = tuple(t.contiguous() for t in xs)
             xs = _conv_launch(tk, pdl, xs, css, tuple(ws))
-        grid = (B, H, -(-D // bv))
+        grid, vfirst = _state_grid(B, H, -(-D // bv))
         tk.kda_state_kernel[grid](
             xs[0], xs[0].stride(0), xs[1], xs[1].stride(0), xs[2], xs[2].stride(0), f, f.stride(0), beta,
             beta.stride(0), *css, *cs_strides, *ws, w0.stride(0), w0.stride(1), A_log, dt_bias, state, o,
             o.stride(0), scale, H=H, D=D, BD=bd, BV=bv, KW=kw, KWP=_next_pow2(kw), L2_EPS=L2NORM_EPS,
             **_launch_kw(bd, bv, num_warps), STREAM=STATE_STREAM_HINTS, PRECONV=pre,
-            AHEAD=_lookahead(state, math.prod(grid)), EARLY=_early(B), **pdl,
+            AHEAD=_lookahead(state, math.prod(grid)), EARLY=_early(B), VFIRST=vfirst, **pdl,
         )  # fmt: skip
         tk.kda_finish_kernel[(B, H)](
             o, o.stride(0), gate, gate.stride(0), norm_weight, q, q.stride(0), k, k.stride(0),
             q_conv_state, k_conv_state, *cs_strides, out, out.stride(0),
-            D=D, BD=bd, KW=kw, KWP=_next_pow2(kw), NORM_EPS=norm_eps, num_warps=4, SHIFT=not pre, **pdl,
+            D=D, BD=bd, KW=kw, KWP=_next_pow2(kw), NORM_EPS=norm_eps, num_warps=FINISH_NUM_WARPS, SHIFT=not pre,
+            **pdl,
         )  # fmt: skip
         return out
     heads = (B, H, D)

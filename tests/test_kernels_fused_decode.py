@@ -128,17 +128,20 @@ def _run_all(base_seed: int) -> dict[str, dict[str, float]]:
     from placement_search.kernels import fused_decode as fd
 
     results: dict[str, dict[str, float]] = {}
-    default = fd.PRECONV_MIN_ROWS, fd.STATE_EARLY_LOAD_MIN_ROWS
-    # conv in the state kernels / a launch of its own / in the state kernels with the state tile loaded first
-    for path, min_rows, early in (("fused", 1 << 30, None), ("preconv", 1, None), ("early", 1 << 30, 1)):
-        fd.PRECONV_MIN_ROWS, fd.STATE_EARLY_LOAD_MIN_ROWS = min_rows, early
+    default = fd.PRECONV_MIN_ROWS, fd.STATE_EARLY_LOAD_MIN_ROWS, fd.STATE_GRID_MEMORY_ORDER_MIN_ROWS
+    # conv in the state kernels / a launch of its own / in the state kernels with the state tile loaded first / in
+    # the state kernels, and the grid in the state's memory order
+    paths = (("fused", 1 << 30, None, None), ("preconv", 1, None, None), ("early", 1 << 30, 1, None),
+             ("memorder", 1 << 30, None, 1))  # fmt: skip
+    for path, min_rows, early, memorder in paths:
+        fd.PRECONV_MIN_ROWS, fd.STATE_EARLY_LOAD_MIN_ROWS, fd.STATE_GRID_MEMORY_ORDER_MIN_ROWS = min_rows, early, memorder
         for i, (name, (kind, sizes)) in enumerate(CASES.items()):
             for j, dtype in enumerate((torch.float32, torch.bfloat16)):
                 fn = _gdn_case if kind == "gdn" else _kda_case
                 seed = base_seed + 2 * i + j
                 r = fn(*sizes, dtype, seed, **CASE_KW.get(name, {}))  # type: ignore[operator]
                 results[f"{name}-{str(dtype).split('.')[-1]}-{path}"] = {**r, "seed": seed}
-    fd.PRECONV_MIN_ROWS, fd.STATE_EARLY_LOAD_MIN_ROWS = default
+    fd.PRECONV_MIN_ROWS, fd.STATE_EARLY_LOAD_MIN_ROWS, fd.STATE_GRID_MEMORY_ORDER_MIN_ROWS = default
     return results
 
 
@@ -147,7 +150,7 @@ def interpreted_results(triton_interpreter) -> dict[str, dict[str, float]]:
     return triton_interpreter(__file__)
 
 
-@pytest.mark.parametrize("path", ["fused", "preconv", "early"])
+@pytest.mark.parametrize("path", ["fused", "preconv", "early", "memorder"])
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_triton_matches_torch_reference(
@@ -155,7 +158,8 @@ def test_triton_matches_torch_reference(
 ):
     """The Triton paths: the conv in the state kernels (below ``PRECONV_MIN_ROWS`` rows), as a launch of its own
     whose outputs the state kernels read (from there on), and in the state kernels with the state tile loaded
-    first (``STATE_EARLY_LOAD_MIN_ROWS``)."""
+    first (``STATE_EARLY_LOAD_MIN_ROWS``), and the first with the state programs launched in the state's memory
+    order (``STATE_GRID_MEMORY_ORDER_MIN_ROWS``)."""
     r = interpreted_results[f"{case}-{dtype}-{path}"]
     assert r["finite"] == 1.0
     assert r["conv_exact"] == 1.0, "conv state shift must be exact"
