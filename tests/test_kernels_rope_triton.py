@@ -11,7 +11,11 @@ multiply-add. The values are copied exactly and every slot other than the writte
 ``ROPE``) against the two-step path it replaces, the plain Triton projection then ``rope_cache_write``'s torch path:
 equal bit for bit in the interpreter (the same products rounded once to the activation dtype, then the same fp32
 rotation rounded once, to nearest even on both sides), for 1, 3 and 16 rows, fp32 and bf16, a ring and a full
-cache, with the RMSNorm applied by the projection from plain rows and from a producer's :class:`NormedRows`.
+cache, with the RMSNorm applied by the projection from plain rows and from a producer's :class:`NormedRows`. The
+plain projection runs on the fused launch's tiles (as many columns a program as the fused one has column pairs):
+the interpreter's dot is numpy's matmul, whose fp32 summation order may depend on the tile's width (on a 2-core VM
+in session 16, 16 and 32 columns summed 256 products 3e-7 apart, relative, for every seed), so other tiles would
+test the CPU's BLAS rather than the epilogue.
 """
 
 from __future__ import annotations
@@ -78,7 +82,7 @@ FUSED = {
 def _fused_case(g, B, H, HKV, D, K, S, dtype, ring, norm) -> dict[str, float]:
     import torch
 
-    from placement_search.kernels.projection import linear, linear_rope_cache
+    from placement_search.kernels.projection import ROPE_CONFIG, linear, linear_rope_cache
     from placement_search.kernels.rope import rope_cache_write, rope_step_tables
 
     w = (torch.randn((H + 2 * HKV) * D, K, generator=g) * K**-0.5).to(dtype)
@@ -94,7 +98,11 @@ def _fused_case(g, B, H, HKV, D, K, S, dtype, ring, norm) -> dict[str, float]:
     caches = [torch.randn(B, S, HKV, D, generator=g).to(dtype) for _ in range(2)]
     c0 = [c.clone() for c in caches]
     c1 = [c.clone() for c in caches]
-    y = linear(x, w, backend="triton", **kw)
+    # the plain projection on the fused launch's tiles (BN columns where it has BN pairs: the same dot shapes)
+    cfg = dict(ROPE_CONFIG)
+    while (D // 2) % cfg["BN"] and cfg["BN"] > 16:  # as linear_rope_cache chooses for small heads
+        cfg["BN"] //= 2
+    y = linear(x, w, backend="triton", config={**cfg, "SPLIT": 1}, **kw)
     q, k, v = (t.view(B, -1, D) for t in y.split([H * D, HKV * D, HKV * D], -1))
     q0 = rope_cache_write(q, k, v, cos, sin, *c0, slot, backend="torch")
     q1 = linear_rope_cache(x, w, H, HKV, cos, sin, slot, *c1, backend="triton", **kw)
