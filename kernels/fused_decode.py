@@ -196,8 +196,10 @@ def _lookahead(state: Tensor, programs: int) -> int:
 
 
 def _state_grid(batch: int, heads: int, blocks: int) -> tuple[tuple[int, int, int], bool]:
-    """The state kernels' grid and their ``VFIRST`` (:data:`STATE_GRID_MEMORY_ORDER_MIN_ROWS`)."""
-    if STATE_GRID_MEMORY_ORDER_MIN_ROWS is not None and batch >= STATE_GRID_MEMORY_ORDER_MIN_ROWS:
+    """The state kernels' grid and their ``VFIRST`` (:data:`STATE_GRID_MEMORY_ORDER_MIN_ROWS`; the rows then on the
+    grid's third axis, which CUDA caps at 65535)."""
+    order = STATE_GRID_MEMORY_ORDER_MIN_ROWS
+    if order is not None and order <= batch <= 65535:
         return (blocks, heads, batch), True
     return (batch, heads, blocks), False
 

@@ -215,3 +215,15 @@ if __name__ == "__main__":
     if os.environ.get("TRITON_INTERPRET") != "1":
         raise SystemExit("run with TRITON_INTERPRET=1 (the pytest fixture does)")
     print(json.dumps(_run_all(int(sys.argv[1]) if len(sys.argv) > 1 else 0)))
+
+
+def test_state_grid_order() -> None:
+    """The state kernels' grid: ``[B, H, blocks]`` below ``STATE_GRID_MEMORY_ORDER_MIN_ROWS`` rows, the state's memory
+    order ``[blocks, H, B]`` from there, and back where the rows would pass CUDA's 65535 on the grid's third axis."""
+    from placement_search.kernels import fused_decode as fd
+
+    rows = fd.STATE_GRID_MEMORY_ORDER_MIN_ROWS
+    assert rows is not None and rows > 1
+    assert fd._state_grid(rows - 1, 32, 4) == ((rows - 1, 32, 4), False)
+    assert fd._state_grid(rows, 32, 2) == ((2, 32, rows), True)
+    assert fd._state_grid(65536, 32, 2) == ((65536, 32, 2), False)
