@@ -393,6 +393,16 @@ def rope_fits(weight: Tensor, heads: int, kv_heads: int, k_cache: Tensor, v_cach
     )
 
 
+def rope_tiles(head_dim: int) -> dict[str, int]:
+    """The tiles :func:`linear_rope_cache` launches with by default for heads of ``head_dim``: :data:`ROPE_CONFIG`
+    (with any ``TILE_OVERRIDES["rope"]``), ``BN`` column pairs halved until they divide ``head_dim / 2`` (small
+    heads, the tests': fewer pairs a program; not below 16)."""
+    config = {**ROPE_CONFIG, **TILE_OVERRIDES.get("rope", {})}
+    while (head_dim // 2) % config["BN"] and config["BN"] > 16:
+        config["BN"] //= 2
+    return config
+
+
 def linear_rope_cache(
     x: Tensor | NormedRows,
     weight: Tensor,
@@ -423,7 +433,7 @@ def linear_rope_cache(
         k_cache, v_cache: ``[B, S, HKV, D]`` (:func:`rope_fits`), written at ``[b, slot[b]]``.
         norm_weight, norm_eps: as in :func:`linear`.
         backend: as in :func:`linear` (``"auto"``: Triton where :func:`linear` would take it).
-        config: Triton tiles as in :func:`linear` (``BN``: column pairs per program; default :data:`ROPE_CONFIG`).
+        config: Triton tiles as in :func:`linear` (``BN``: column pairs per program; default :func:`rope_tiles`).
 
     Returns:
         The rotated queries ``[B, 1, H, D]`` (the layout :func:`.attention.attention_decode` takes).
@@ -445,9 +455,7 @@ def linear_rope_cache(
         rope_backend = "torch" if backend == "torch" else "auto"
         return rope_cache_write(q, kk, v, cos, sin_signed, k_cache, v_cache, slot, backend=rope_backend)
     if config is None:
-        config = {**ROPE_CONFIG, **TILE_OVERRIDES.get("rope", {})}
-        while (d // 2) % config["BN"] and config["BN"] > 16:  # small heads (tests): fewer pairs a program
-            config["BN"] //= 2
+        config = rope_tiles(d)
     b = plain_rows(x).reshape(-1, k).shape[0]
     cos2, sin2 = cos.reshape(b, d), sin_signed.reshape(b, d)
     rope = {"HD": d, "nq": heads * d, "nk": kv_heads * d, "cos_ptr": cos2, "sin_ptr": sin2, "s_tab": cos2.stride(0),

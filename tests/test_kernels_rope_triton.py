@@ -82,7 +82,7 @@ FUSED = {
 def _fused_case(g, B, H, HKV, D, K, S, dtype, ring, norm) -> dict[str, float]:
     import torch
 
-    from placement_search.kernels.projection import ROPE_CONFIG, linear, linear_rope_cache
+    from placement_search.kernels.projection import linear, linear_rope_cache, rope_tiles
     from placement_search.kernels.rope import rope_cache_write, rope_step_tables
 
     w = (torch.randn((H + 2 * HKV) * D, K, generator=g) * K**-0.5).to(dtype)
@@ -99,10 +99,7 @@ def _fused_case(g, B, H, HKV, D, K, S, dtype, ring, norm) -> dict[str, float]:
     c0 = [c.clone() for c in caches]
     c1 = [c.clone() for c in caches]
     # the plain projection on the fused launch's tiles (BN columns where it has BN pairs: the same dot shapes)
-    cfg = dict(ROPE_CONFIG)
-    while (D // 2) % cfg["BN"] and cfg["BN"] > 16:  # as linear_rope_cache chooses for small heads
-        cfg["BN"] //= 2
-    y = linear(x, w, backend="triton", config={**cfg, "SPLIT": 1}, **kw)
+    y = linear(x, w, backend="triton", config={**rope_tiles(D), "SPLIT": 1}, **kw)
     q, k, v = (t.view(B, -1, D) for t in y.split([H * D, HKV * D, HKV * D], -1))
     q0 = rope_cache_write(q, k, v, cos, sin, *c0, slot, backend="torch")
     q1 = linear_rope_cache(x, w, H, HKV, cos, sin, slot, *c1, backend="triton", **kw)
