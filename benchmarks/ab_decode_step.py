@@ -36,7 +36,8 @@ as a spread rather than as a difference between variants):
   :data:`NUMERIC_KNOBS`), ``+oshape`` (the mixers' output
   projections on the q/k/v tiles, unsplit, as in sessions 6-9: ``kernels.projection.RESIDUAL_TILES_BY_SHAPE``),
   ``+urope`` (RoPE and the KV-cache write as a launch of their own after the attention layers' q/k/v projection, as
-  before session 14: ``evaluators.mixers.FUSED_ROPE_PROJECTION = False``).
+  before session 14: ``evaluators.mixers.FUSED_ROPE_PROJECTION = False``), ``+wide`` (the GDN/KDA state kernels
+  form every state address in 64 bits, as until session 17: ``kernels.fused_decode.STATE_WIDE_ADDRESSES``).
 
 Correctness: before each variant's timed replays the recurrent and conv states are restored to one snapshot and
 the step is replayed once; its logits must equal the first variant's bit for bit where the variants run the same
@@ -129,20 +130,21 @@ def apply_variant(name: str) -> None:
         knob = e.rstrip("0123456789")
         if (knob in NUMERIC_KNOBS or knob in TILE_KNOBS) and e[len(knob) :].isdigit():
             numeric[knob] = int(e[len(knob) :])
-    known = ("tattn", "grouped", "stream", "unorm", "gates2", "oshape", "urope")
+    known = ("tattn", "grouped", "stream", "unorm", "gates2", "oshape", "urope", "wide")
     unknown = [e for e in extras if e not in known and e.rstrip("0123456789") not in numeric]
     base, _, pf = head.partition("_pf")
     modes = ("pdl", "pdl_early", "pdl_late")
     if unknown or (head != "nopdl" and (base not in modes or not (pf.isdigit() or pf == ""))):
         raise SystemExit(
             f"unknown variant {name!r}: expected nopdl, pdl, pdl_early or pdl_late (optionally _pf<lines>), "
-            "then optionally +tattn or +grouped, +stream, +unorm, +gates2, +oshape, +urope, "
+            "then optionally +tattn or +grouped, +stream, +unorm, +gates2, +oshape, +urope, +wide, "
             + ", ".join(f"+{k}<N>" for k in (*NUMERIC_KNOBS, *TILE_KNOBS))
         )
     kb.PDL, kp.PDL_PREFETCH_LINES = head != "nopdl", int(pf or 0)
     kb.PDL_TRIGGER = {"pdl_early": "enter", "pdl_late": "late"}.get(base, "exit")
     kb.AUTO_CUDA_DECODE_BACKEND = "triton" if "tattn" in extras else "sdpa_grouped" if "grouped" in extras else "sdpa"
     fd.STATE_STREAM_HINTS = "stream" in extras
+    fd.STATE_WIDE_ADDRESSES = "wide" in extras
     kp.FUSE_NORM = "unorm" not in extras
     em.PAIRED_GATE_PROJECTIONS = "gates2" not in extras
     em.FUSED_ROPE_PROJECTION = "urope" not in extras

@@ -65,6 +65,9 @@ def _signature(fn: Any, consts: dict[str, Any]) -> tuple[dict[str, str], dict[tu
     sig: dict[str, str] = {}
     attrs: dict[tuple[int, ...], list] = {}
     for i, name in enumerate(fn.arg_names):
+        param = fn.params[i]
+        if param.is_constexpr and name not in consts:  # typed as a runtime i32, it would compile every branch
+            raise ValueError(f"{fn.__name__}: constexpr {name} has no value in the case")
         if name in consts or name in UNIT_STRIDES:
             sig[name] = "constexpr"
         elif name.endswith("_ptr"):
@@ -132,7 +135,8 @@ def _skinny_consts(gated: bool, residual: bool, norm: bool, pdl: int = 1) -> dic
 def cases(pdl: int = 1) -> list[tuple[str, Any, dict[str, Any], int]]:
     """(name, kernel, constexprs, warps) as the runtime launches them at 15B sizes, compiled with ``PDL = pdl``
     (``kernels.backend.PDL_MODES``; 1: the runtime's)."""
-    runtime = {"PDL": pdl, "STREAM": False, "AHEAD": 0, "EARLY": False}  # the state kernels' defaults
+    runtime = {"PDL": pdl, "STREAM": False, "AHEAD": 0, "EARLY": False,  # the state kernels' defaults
+               "WIDE": fused.STATE_WIDE_ADDRESSES}  # fmt: skip
     state = {**GDN, "BK": 128, "L2_EPS": 1e-6, **runtime}
     kda = {"H": 32, "D": 128, "BD": 128, "KW": 4, "KWP": 4, "L2_EPS": 1e-6, **runtime}
     out = []
@@ -143,10 +147,11 @@ def cases(pdl: int = 1) -> list[tuple[str, Any, dict[str, Any], int]]:
             kw = {"BV": bv, "PRECONV": pre, "VFIRST": vfirst}
             out.append((f"gdn_state_kernel {tag}", FD.gdn_state_kernel, {**state, **kw}, 4))
             out.append((f"kda_state_kernel {tag}", FD.kda_state_kernel, {**kda, **kw}, 4))
-    finish = {**GDN, "QK_PER": 64, "BV": 128, "BQ": 64, "NORM_EPS": 1e-5, "PDL": pdl}
+    # SHIFT: the q/k conv states shifted here, as below fused.PRECONV_MIN_ROWS rows
+    finish = {**GDN, "QK_PER": 64, "BV": 128, "BQ": 64, "NORM_EPS": 1e-5, "PDL": pdl, "SHIFT": True}
     out.append(("gdn_finish_kernel", FD.gdn_finish_kernel, finish, 4))
     out.append(("kda_finish_kernel", FD.kda_finish_kernel,
-                {"D": 128, "BD": 128, "KW": 4, "KWP": 4, "NORM_EPS": 1e-5, "PDL": pdl}, 4))  # fmt: skip
+                {"D": 128, "BD": 128, "KW": 4, "KWP": 4, "NORM_EPS": 1e-5, "PDL": pdl, "SHIFT": True}, 4))  # fmt: skip
     conv = {"BR": 2, "BC": 512, "KW": 4, "PDL": pdl}
     out.append(("conv_update_kernel 2 x 512", FD.conv_update_kernel, conv, 4))
     for name, (n, k, gated, residual, norm) in (

@@ -207,6 +207,19 @@ def _delta_rule_head(
 
 
 @triton.jit
+def _state_tile_ptrs(state_ptr, head, rk, v0, rv, DK: tl.constexpr, DV: tl.constexpr, WIDE: tl.constexpr = False):
+    """Pointers ``[BK, BV]`` to rows ``rk`` and columns ``v0 + rv`` of state matrix ``head`` (int64: ``row * H +
+    head``) of the fp32 ``[B, H, DK, DV]`` state: the matrix's base as one 64-bit scalar, then 32-bit offsets within
+    it. ``WIDE`` forms every element's address in 64 bits from the row index instead, as before session 17: the
+    compiler then keeps the ``[BK, BV]`` 64-bit addresses live across the update, 158 registers a thread for GDN's
+    128 x 64 tile (three programs an SM) against 121 (four) with the base (``benchmarks/kernel_resources.py``)."""
+    if WIDE:
+        return state_ptr + (head * DK + rk[:, None]) * DV + v0 + rv[None, :]
+    base = state_ptr + head * (DK * DV) + v0
+    return base + rk[:, None] * DV + rv[None, :]
+
+
+@triton.jit
 def _tile_of_program(VFIRST: tl.constexpr):
     """``(batch row, head, value block)`` of this state program: grid ``[B, H, NV]`` (axis 0 fastest: one wave
     holds the first value block of every row's first heads) or, with ``VFIRST``, ``[NV, H, B]`` (launch order is
@@ -278,6 +291,7 @@ def gdn_state_kernel(
     AHEAD: tl.constexpr = 0,  # > 0: ask L2 for the state tile of the program this many places on (_prefetch_tile_ahead)
     EARLY: tl.constexpr = False,  # the state tile loaded first (in flight during the conv and gates), not last
     VFIRST: tl.constexpr = False,  # grid [DV / BV, HV, B] in the state's memory order, not [B, HV, DV / BV]
+    WIDE: tl.constexpr = False,  # every state address formed in 64 bits (_state_tile_ptrs; to compare)
 ):  # fmt: skip
     """The delta-rule step of one batch row, value head and block of ``BV`` value columns (a ``[DK, BV]`` tile of
     the state; which, from the program ids: :func:`_tile_of_program`).
@@ -301,7 +315,7 @@ def gdn_state_kernel(
     rk = tl.arange(0, BK)
     rv = tl.arange(0, BV)
     vm = rv < nv
-    s_ptrs = state_ptr + ((i_b * HV + hv) * DK + rk[:, None]) * DV + v0 + rv[None, :]
+    s_ptrs = _state_tile_ptrs(state_ptr, i_b * HV + hv, rk, v0, rv, DK, DV, WIDE)
     s_mask = (rk[:, None] < DK) & vm[None, :]
     if EARLY:
         S = _load_state(s_ptrs, s_mask, STREAM)
@@ -382,6 +396,7 @@ def kda_state_kernel(
     AHEAD: tl.constexpr = 0,  # > 0: ask L2 for the state tile of the program this many places on (_prefetch_tile_ahead)
     EARLY: tl.constexpr = False,  # the state tile loaded first (in flight during the conv and gates), not last
     VFIRST: tl.constexpr = False,  # grid [D / BV, H, B] in the state's memory order, not [B, H, D / BV]
+    WIDE: tl.constexpr = False,  # every state address formed in 64 bits (_state_tile_ptrs; to compare)
 ):  # fmt: skip
     """The KDA step of one batch row, head and block of ``BV`` value columns (:func:`_tile_of_program`).
     q and k are read from their conv states (shifted later by :func:`kda_finish_kernel`); the v block is owned and
@@ -400,7 +415,7 @@ def kda_state_kernel(
     m = r < D
     rv = tl.arange(0, BV)
     vm = rv < nv
-    s_ptrs = state_ptr + ((i_b * H + i_h) * D + r[:, None]) * D + v0 + rv[None, :]
+    s_ptrs = _state_tile_ptrs(state_ptr, i_b * H + i_h, r, v0, rv, D, D, WIDE)
     s_mask = m[:, None] & vm[None, :]
     if EARLY:
         S = _load_state(s_ptrs, s_mask, STREAM)

@@ -161,6 +161,12 @@ STATE_EARLY_LOAD_MIN_ROWS: int | None = None
 #: +0.15..+0.34%, hence from 16 rows (results/decode_step_ab_vf_h200.json, decode_step_ab_spp_h200.json,
 #: decode_step_ab_vfmixed_h200.json).
 STATE_GRID_MEMORY_ORDER_MIN_ROWS: int | None = 16
+#: Whether the Triton state kernels form every state address in 64 bits from the row index (the form used until
+#: session 17; knob ``+wide``) instead of one 64-bit base per state matrix plus 32-bit offsets
+#: (``_fused_decode_triton._state_tile_ptrs``). The 64-bit form kept the tile's addresses live across the update:
+#: 158 registers a thread for GDN's 128 x 64 tile (three programs an SM), against 121 (four) with the base
+#: (results/kernel_resources_sm90.json).
+STATE_WIDE_ADDRESSES = False
 #: Warps per program of the Triton state kernels (None: from the tile, :func:`_launch_kw`) and of the finish
 #: kernels (knobs ``+sw<N>``, ``+fw<N>``). On the H200 (whole 32K step, 16-64 rows): 32-column state tiles on 2 warps
 #: (six programs an SM) 0.1-0.4% slower than 64 columns on 4; finish kernels on 1 or 2 warps within -0.06..+0.12%
@@ -287,7 +293,7 @@ def gdn_decode_step(
             w, w.stride(0), w.stride(1), A_log, dt_bias, state, o, o.stride(0), scale,
             HK=HK, HV=HV, DK=DK, DV=DV, BK=bk, BV=bv, KW=kw, KWP=_next_pow2(kw), L2_EPS=L2NORM_EPS,
             STREAM=STATE_STREAM_HINTS, PRECONV=pre, AHEAD=_lookahead(state, math.prod(grid)), EARLY=_early(B),
-            VFIRST=vfirst, **_launch_kw(bk, bv, num_warps), **pdl,
+            VFIRST=vfirst, WIDE=STATE_WIDE_ADDRESSES, **_launch_kw(bk, bv, num_warps), **pdl,
         )  # fmt: skip
         qk_per = -(-2 * HK * DK // HV)  # q/k conv channels each finishing program shifts
         tk.gdn_finish_kernel[(B, HV)](
@@ -389,7 +395,8 @@ def kda_decode_step(
             beta.stride(0), *css, *cs_strides, *ws, w0.stride(0), w0.stride(1), A_log, dt_bias, state, o,
             o.stride(0), scale, H=H, D=D, BD=bd, BV=bv, KW=kw, KWP=_next_pow2(kw), L2_EPS=L2NORM_EPS,
             **_launch_kw(bd, bv, num_warps), STREAM=STATE_STREAM_HINTS, PRECONV=pre,
-            AHEAD=_lookahead(state, math.prod(grid)), EARLY=_early(B), VFIRST=vfirst, **pdl,
+            AHEAD=_lookahead(state, math.prod(grid)), EARLY=_early(B), VFIRST=vfirst, WIDE=STATE_WIDE_ADDRESSES,
+            **pdl,
         )  # fmt: skip
         tk.kda_finish_kernel[(B, H)](
             o, o.stride(0), gate, gate.stride(0), norm_weight, q, q.stride(0), k, k.stride(0),

@@ -41,3 +41,24 @@ def test_default_decode_kernels_fit_an_sm_without_spills(benchmark_module) -> No
         r = kr.resources(fn, consts, warps)
         assert r["stack_bytes"] == 0, f"{label}: {r['stack_bytes']} bytes spilled"
         assert r["programs_per_sm"] >= 1, f"{label}: does not fit an SM ({r})"
+
+
+def test_state_kernels_hold_four_programs_an_sm(benchmark_module) -> None:
+    """The GDN/KDA state kernels at 64 value columns (16 rows and up) address their tile from one 64-bit base per state
+    matrix: at most 128 registers a thread, four programs an SM (121 with Triton 3.9 here, 128 with the H200's 3.6;
+    forming every address in 64 bits took 158-168 and three programs: results/decode_step_ab_wide_h200.json)."""
+    kr = benchmark_module("kernel_resources")
+    states = [c for c in kr.cases() if "_state_kernel BV=64" in c[0]]
+    assert len(states) == 4  # GDN and KDA, with and without the conv launch before them
+    for label, fn, consts, warps in states:
+        r = kr.resources(fn, consts, warps)
+        assert r["programs_per_sm"] >= 4, f"{label}: {r}"
+
+
+def test_a_constexpr_without_a_value_is_refused(benchmark_module) -> None:
+    """A constexpr left out of a case would compile as a runtime integer, every branch of it in one kernel (session 17
+    found the finish kernels compiled so): refused, naming it."""
+    kr = benchmark_module("kernel_resources")
+    _, fn, consts, warps = next(c for c in kr.cases() if c[0] == "gdn_finish_kernel")
+    with pytest.raises(ValueError, match="constexpr SHIFT"):
+        kr.resources(fn, {k: v for k, v in consts.items() if k != "SHIFT"}, warps)
