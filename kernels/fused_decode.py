@@ -133,9 +133,11 @@ SMALL_BATCH = 16
 #: (results/decode_kernels_stream_h200.json, results/decode_step_ab_tattn_stream_h200.json).
 STATE_STREAM_HINTS = False
 #: A cap on the registers a thread of the Triton state kernels may use (Triton's ``maxnreg``; None: the compiler's
-#: choice, 159 for GDN's 128 x 64 tile, three programs per SM on sm_90). 128 lets four programs share an SM, with
-#: 56-160 bytes a thread spilled (``benchmarks/kernel_resources.py``): on the H200 every cap made the step slower
-#: (all-GDN +0.9% / +9.0% / +17.3% at 16 / 64 / 256 rows with 128: results/decode_step_ab_sr_h200.json).
+#: choice, 121-128 for GDN's 128 x 64 tile since session 17's addressing, four programs per SM on sm_90). Measured in
+#: session 13, when the choice was 159 (three programs an SM): 128 let four share an SM, with 56-160 bytes a thread
+#: spilled (``benchmarks/kernel_resources.py``), and every cap made the step slower on the H200 (all-GDN +0.9% /
+#: +9.0% / +17.3% at 16 / 64 / 256 rows with 128: results/decode_step_ab_sr_h200.json); the addressing
+#: (:data:`STATE_WIDE_ADDRESSES`) reaches four without spills.
 STATE_MAX_REGISTERS: int | None = None
 #: Programs an SM holds of the Triton state kernels, for their L2 lookahead: where the grid is larger than the GPU
 #: holds at once (``SMs x STATE_LOOKAHEAD_PER_SM`` programs), each program first asks L2 for the state tile of
@@ -165,7 +167,9 @@ STATE_GRID_MEMORY_ORDER_MIN_ROWS: int | None = 16
 #: session 17; knob ``+wide``) instead of one 64-bit base per state matrix plus 32-bit offsets
 #: (``_fused_decode_triton._state_tile_ptrs``). The 64-bit form kept the tile's addresses live across the update:
 #: 158 registers a thread for GDN's 128 x 64 tile (three programs an SM), against 121 (four) with the base
-#: (results/kernel_resources_sm90.json).
+#: (results/kernel_resources_sm90.json; the H200 machine's Triton 3.6: 128, kernel_resources_sm90_triton36.json).
+#: On the H200 (whole 32K step, A against B, bit-equal) the base made all-GDN 0.65% / 0.74% faster at 16 / 64 rows,
+#: all-KDA 0.76% / 0.78% (0.31% at batch 1), mixed 0.21% at 16 rows (results/decode_step_ab_wide_h200.json).
 STATE_WIDE_ADDRESSES = False
 #: Warps per program of the Triton state kernels (None: from the tile, :func:`_launch_kw`) and of the finish
 #: kernels (knobs ``+sw<N>``, ``+fw<N>``). On the H200 (whole 32K step, 16-64 rows): 32-column state tiles on 2 warps
